@@ -1,0 +1,60 @@
+"""Names shared by every berth process: Redis keys, labels, versions.
+
+All Redis keys berth writes start with ``berth:`` and are built here, so an
+operator can find (and a test can sweep) everything berth keeps in Redis.
+"""
+
+from __future__ import annotations
+
+REDIS_PREFIX = "berth:"
+
+# Bump when the image build recipe changes in a way that changes image contents:
+# it is part of every image_key, so old images are never served for the new recipe.
+BUILD_RECIPE_VERSION = 1
+
+IMAGE_REPOSITORY = "berth/deps"
+
+LABEL_MANAGED = "berth.managed"
+LABEL_JOB_ID = "berth.job_id"
+LABEL_IMAGE_KEY = "berth.image_key"
+LABEL_ROLE = "berth.role"
+
+# Retry schedules are data.
+BUILD_BACKOFF_S = (1.0, 5.0, 30.0)
+SERVICE_RETRY_S = (0.2, 0.5, 1.0, 2.0)
+
+
+def image_record_key(image_key: str) -> str:
+    return f"{REDIS_PREFIX}image:{image_key}"
+
+
+def requirements_record_key(deps_hash: str, python_version: str) -> str:
+    return f"{REDIS_PREFIX}requirements:{deps_hash}:{python_version}"
+
+
+def failed_build_key(image_key: str) -> str:
+    return f"{REDIS_PREFIX}build-failed:{image_key}"
+
+
+def build_lease_key(image_key: str) -> str:
+    return f"{REDIS_PREFIX}lease:build:{image_key}"
+
+
+def build_done_channel(image_key: str) -> str:
+    return f"{REDIS_PREFIX}built:{image_key}"
+
+
+STATS_KEY = f"{REDIS_PREFIX}stats"
+
+
+def stats_hour_key(hour: str) -> str:
+    """Hourly counters (``hour`` is ``YYYYMMDDHH`` in UTC), kept for two days."""
+    return f"{REDIS_PREFIX}stats:{hour}"
+
+
+STATS_HOUR_TTL_S = 2 * 86400
+METRICS_SNAPSHOT_KEY = f"{REDIS_PREFIX}metrics:snapshot"
+
+
+def image_tag(image_key: str) -> str:
+    return f"{IMAGE_REPOSITORY}:{image_key}"
