@@ -60,7 +60,13 @@ async def cmd_warm(args: argparse.Namespace, settings: Settings) -> int:
 
 # Feature modules that add their own subcommands: each has
 # `register(sub: argparse._SubParsersAction) -> None`, imported when the parser is built.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "shared.cli_jobs",
+    "shared.cli_health",
+    "shared.cli_paths",
+    "worker.main",
+    "scheduler.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,8 +20,15 @@ from shared.settings import Settings
 CONNECT_TIMEOUT_S = 5.0
 
 
+def _encode_extra(value: Any) -> Any:
+    """Exceptions (arq stores a failed job's exception as its result) become plain data."""
+    if isinstance(value, BaseException):
+        return {"error": type(value).__name__, "message": str(value)}
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def serialize_job(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return json.dumps(obj, separators=(",", ":"), default=_encode_extra).encode()
 
 
 def deserialize_job(data: bytes) -> dict[str, Any]:

@@ -32,17 +32,21 @@ def requirements_record_key(deps_hash: str, python_version: str) -> str:
     return f"{REDIS_PREFIX}requirements:{deps_hash}:{python_version}"
 
 
-def failed_build_key(image_key: str) -> str:
-    return f"{REDIS_PREFIX}build-failed:{image_key}"
+def failed_resolution_key(deps_hash: str, python_version: str) -> str:
+    """The negative cache of a requirement set that did not resolve (uv's error)."""
+    return f"{REDIS_PREFIX}resolve-failed:{deps_hash}:{python_version}"
 
 
 def build_lease_key(image_key: str) -> str:
     return f"{REDIS_PREFIX}lease:build:{image_key}"
 
 
-def build_done_channel(image_key: str) -> str:
-    return f"{REDIS_PREFIX}built:{image_key}"
+def cancel_request_key(job_id: str) -> str:
+    """Set by `cancel()` before it asks arq to abort, so the job knows why it stops."""
+    return f"{REDIS_PREFIX}cancel:{job_id}"
 
+
+CANCEL_REQUEST_TTL_S = 86400
 
 STATS_KEY = f"{REDIS_PREFIX}stats"
 

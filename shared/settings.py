@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     build_lease_ttl_s: float = Field(default=30.0, gt=0)
     build_wait_timeout_s: float = Field(default=1200.0, gt=0)
     uv_cache_volume: str = "berth-uv-cache"
+    # Extra labels on every container and image berth makes (e.g. a deployment or
+    # test-run name, so leftovers of exactly that run can be swept).
+    extra_labels: dict[str, str] = Field(default_factory=dict)
     resolve_timeout_s: float = Field(default=300.0, gt=0)
 
     # --- job limits (defaults, and the caps a job may ask up to) ---

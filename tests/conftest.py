@@ -27,7 +27,7 @@ ADMIN_DSN = os.environ.get("BERTH_TEST_ADMIN_DSN", "postgresql://berth:berth@127
 REDIS_BASE = os.environ.get("BERTH_TEST_REDIS", "redis://127.0.0.1:6379")
 RUNTIME_IMAGES = {"python3.11": "berth-base/python:3.11"}
 
-# PLUGINS_TMP pytest_plugins = ["tests.docker_fixtures"]
+pytest_plugins = ["tests.docker_fixtures", "tests.jobs_fixtures"]
 
 
 def _dsn_for(database: str) -> str:
@@ -65,12 +65,26 @@ def test_database() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_db() -> Iterator[int]:
-    """A Redis database index for this run, flushed at the end."""
-    index = 1 + secrets.randbelow(15)
-    yield index
+    """A Redis database index claimed for this run (test runs may overlap), flushed after."""
+    claims = sync_redis.Redis.from_url(f"{REDIS_BASE}/0")
+    token = secrets.token_hex(8)
+    indexes = list(range(1, 16))
+    secrets.SystemRandom().shuffle(indexes)
+    index = next(
+        (i for i in indexes if claims.set(f"berth-test:db-claim:{i}", token, nx=True, ex=3 * 3600)),
+        None,
+    )
+    if index is None:
+        claims.close()
+        pytest.exit("all 15 Redis test databases are claimed by other test runs", returncode=1)
     client = sync_redis.Redis.from_url(f"{REDIS_BASE}/{index}")
     client.flushdb()
+    yield index
+    client.flushdb()
     client.close()
+    if claims.get(f"berth-test:db-claim:{index}") == token.encode():
+        claims.delete(f"berth-test:db-claim:{index}")
+    claims.close()
 
 
 @pytest.fixture

@@ -1,0 +1,230 @@
+"""The producer side: what an upstream service calls to run a job.
+
+`submit()` validates a JobSpec and enqueues it with arq under a job id (the
+idempotency key when given), so the same key twice is one job. `status()` and
+`result()` read the `executions` row, and arq for a job no worker has picked up
+yet; `cancel()` aborts a queued or running job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+from arq.jobs import Job, JobStatus
+
+from shared.constants import CANCEL_REQUEST_TTL_S, cancel_request_key
+from shared.errors import JobNotFound, QueueFull
+from shared.models import JobSpec, Status
+from shared.requirements import parse_requirements
+from shared.settings import Settings
+
+JOB_FUNCTION = "run_job"
+RESULT_POLL_S = (0.05, 0.1, 0.2, 0.5)  # growing poll delays while waiting for a result
+ABORT_WAIT_S = 30.0  # how long cancel() waits for the worker to confirm
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str
+    size_bytes: int
+    content: bytes
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A job as the caller sees it: its state, and once final, its outputs."""
+
+    job_id: str
+    status: Status
+    exit_code: int | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    outputs_truncated: bool = False
+    files: tuple[OutputFile, ...] = ()
+    error: str | None = None
+    cache_hit: bool | None = None
+    image_key: str | None = None
+    attempts: int = 0
+    reused_from: str | None = None
+    timings: dict[str, float] | None = None
+    details: dict[str, Any] | None = None
+    queued_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class Client:
+    """A producer's handle on the fleet: Redis for the queue, Postgres for results."""
+
+    def __init__(self, redis: ArqRedis, pool: asyncpg.Pool | None, settings: Settings) -> None:
+        self.redis = redis
+        self.pool = pool
+        self.settings = settings
+
+    async def submit(self, spec: JobSpec) -> str:
+        """Validate and enqueue; returns the job id (the same one for a repeated key)."""
+        spec.check(self.settings)
+        parse_requirements(
+            spec.requirements,
+            allow_index_options=self.settings.allow_index_options,
+            max_bytes=self.settings.max_requirements_bytes,
+        )
+        job_id = spec.idempotency_key or uuid.uuid4().hex
+        depth = await self.redis.zcard(self.settings.queue_name)
+        if depth >= self.settings.max_queue_depth:
+            raise QueueFull(depth, self.settings.max_queue_depth)
+        # arq refuses a job id it already holds (queued, running or with a result):
+        # that refusal is what makes a repeated idempotency key one job.
+        await self.redis.enqueue_job(
+            JOB_FUNCTION,
+            spec.to_payload(),
+            _job_id=job_id,
+            _queue_name=self.settings.queue_name,
+        )
+        return job_id
+
+    def _job(self, job_id: str) -> Job:
+        return Job(
+            job_id,
+            self.redis,
+            _queue_name=self.settings.queue_name,
+            _deserializer=self.redis.job_deserializer,
+        )
+
+    async def status(self, job_id: str) -> Status:
+        """The job's current status; JobNotFound if berth has never seen it."""
+        result = await self._row(job_id)
+        if result is not None:
+            return result.status
+        arq_status = await self._job(job_id).status()
+        if arq_status in (JobStatus.queued, JobStatus.deferred):
+            return Status.QUEUED
+        if arq_status is JobStatus.in_progress:
+            return Status.RUNNING
+        if arq_status is JobStatus.complete:
+            # Finished in arq without a row: refused before it could run (bad payload,
+            # cancelled while queued).
+            info = await self._job(job_id).result_info()
+            if info is not None and not info.success:
+                return Status.CANCELLED if _is_cancel(info.result) else Status.ERROR
+        raise JobNotFound(job_id)
+
+    async def result(self, job_id: str, timeout_s: float | None = None) -> JobResult:
+        """The job's result; with a timeout, wait up to that long for it to be final."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            row = await self._row(job_id)
+            if row is not None and row.status.final:
+                return row
+            if row is None:
+                status = await self.status(job_id)  # raises JobNotFound
+                if status.final:
+                    return await self._arq_only_result(job_id, status)
+            if deadline is None or time.monotonic() >= deadline:
+                return row if row is not None else JobResult(job_id, await self.status(job_id))
+            delay = RESULT_POLL_S[min(attempt, len(RESULT_POLL_S) - 1)]
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            attempt += 1
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job; False if it had already finished."""
+        row = await self._row(job_id)
+        if row is not None and row.status.final:
+            return False
+        job = self._job(job_id)
+        info = await job.info()
+        # Not picked up yet: take it off the queue ourselves, no worker needed.
+        if await self.redis.zrem(self.settings.queue_name, job_id):
+            await self.redis.delete(job_key_prefix + job_id)
+            runtime = _payload_runtime(info.args if info is not None else ())
+            if self.pool is not None:
+                await self.pool.execute(
+                    "insert into executions (job_id, status, runtime, error, finished_at)"
+                    " values ($1, 'cancelled', $2, 'cancelled before it started', now())"
+                    " on conflict (job_id) do nothing",
+                    job_id,
+                    runtime,
+                )
+            return True
+        arq_status = await job.status()
+        if arq_status is JobStatus.not_found and row is None:
+            raise JobNotFound(job_id)
+        if arq_status is JobStatus.complete:
+            return False
+        # Running: mark why it stops, then let arq cancel the task on its worker.
+        await self.redis.set(cancel_request_key(job_id), b"1", ex=CANCEL_REQUEST_TTL_S)
+        return await job.abort(timeout=ABORT_WAIT_S)
+
+    async def _arq_only_result(self, job_id: str, status: Status) -> JobResult:
+        info = await self._job(job_id).result_info()
+        error = None if info is None else _error_text(info.result)
+        return JobResult(job_id, status, error=error)
+
+    async def _row(self, job_id: str) -> JobResult | None:
+        if self.pool is None:
+            return None
+        row = await self.pool.fetchrow("select * from executions where job_id = $1", job_id)
+        if row is None:
+            return None
+        files: tuple[OutputFile, ...] = ()
+        if Status(row["status"]).final:
+            file_rows = await self.pool.fetch(
+                "select name, size_bytes, content from execution_files where job_id = $1"
+                " order by name",
+                job_id,
+            )
+            files = tuple(OutputFile(r["name"], r["size_bytes"], r["content"]) for r in file_rows)
+        return JobResult(
+            job_id=job_id,
+            status=Status(row["status"]),
+            exit_code=row["exit_code"],
+            stdout=row["stdout"] or b"",
+            stderr=row["stderr"] or b"",
+            stdout_truncated=row["stdout_truncated"],
+            stderr_truncated=row["stderr_truncated"],
+            outputs_truncated=row["outputs_truncated"],
+            files=files,
+            error=row["error"],
+            cache_hit=row["cache_hit"],
+            image_key=row["image_key"],
+            attempts=row["attempts"],
+            reused_from=row["reused_from"],
+            timings=_json(row["timings"]),
+            details=_json(row["details"]),
+            queued_at=row["queued_at"],
+            finished_at=row["finished_at"],
+        )
+
+
+def _payload_runtime(args: Any) -> str:
+    if args and isinstance(args[0], dict):
+        return str(args[0].get("runtime", "unknown"))[:64]
+    return "unknown"
+
+
+def _json(value: Any) -> Any:
+    import json
+
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _is_cancel(result: Any) -> bool:
+    return isinstance(result, asyncio.CancelledError) or (
+        isinstance(result, dict) and result.get("error") == "CancelledError"
+    )
+
+
+def _error_text(result: Any) -> str:
+    if isinstance(result, dict) and "error" in result:
+        return f"{result['error']}: {result.get('message', '')}".rstrip(": ")
+    return str(result)

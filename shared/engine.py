@@ -1,0 +1,539 @@
+"""berth's Docker engine: images, dependency builds, sandboxes, housekeeping.
+
+Builds do not use ``docker build``: a container from the base image runs a fixed
+script (``BUILD_SCRIPT``) that makes a venv and installs the lock with ``uv``
+(from a shared tools volume, with a uv cache volume shared by every build), then
+the container is committed. Nothing from the request is ever part of the script:
+the lock and the operator's index settings arrive as files in /berth-build, which
+the script deletes before the commit.
+
+Build-only settings are never the build container's environment: a commit merges
+the container's Env and Labels into the image, where every job would see them
+(an index URL may carry credentials).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import secrets
+import tarfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+import structlog
+import uv
+
+from shared import constants
+from shared.docker_api import CALL_TIMEOUT_S, DockerApi, EngineNotFound, JsonObject, run_attached
+from shared.errors import BuildFailed, EngineError
+from shared.sandbox import ROLE_JOB, RunResult, Sandbox, SandboxLimits, parse_user
+from shared.settings import Settings
+from shared.tarstream import files_tar
+
+__all__ = [
+    "BuiltImage",
+    "ContainerInfo",
+    "Engine",
+    "ImageInfo",
+    "RunResult",
+    "Sandbox",
+    "SandboxLimits",
+]
+
+log = structlog.stdlib.get_logger(__name__)
+
+PULL_TIMEOUT_S: Final = 300.0
+COMMIT_TIMEOUT_S: Final = 300.0
+TOOLS_TIMEOUT_S: Final = 120.0
+LOG_TAIL_LINES: Final = 30
+LOG_TAIL_BYTES: Final = 64 * 1024
+
+ROLE_BUILD: Final = "build"
+ROLE_TOOLS: Final = "tools"
+ROLE_IMAGE: Final = "image"  # on images, so that containers made from them by hand are not swept
+ROLE_UV_CACHE: Final = "uv-cache"
+SWEPT_ROLES: Final = frozenset({ROLE_BUILD, ROLE_TOOLS, ROLE_JOB})
+
+TOOLS_MOUNT: Final = "/opt/berth-tools"
+UV_CACHE_MOUNT: Final = "/var/cache/berth-uv"
+BUILD_DIR: Final = "berth-build"
+VENV: Final = "/opt/venv"
+
+# The environment of every built image (and of its build container, so that the
+# commit's merge adds nothing).
+IMAGE_ENV: Final = (
+    f"PATH={VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    f"VIRTUAL_ENV={VENV}",
+    "PYTHONDONTWRITEBYTECODE=1",
+    "PYTHONUNBUFFERED=1",
+    "LANG=C.UTF-8",
+)
+
+TOOLS_MISSING_EXIT: Final = 97  # the build script's exit code when the tools volume is empty
+
+# Fixed text: values come from files, read into variables (never parsed as code).
+BUILD_SCRIPT: Final = f"""\
+export UV_CACHE_DIR={UV_CACHE_MOUNT} UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never \\
+  UV_NO_CONFIG=1 UV_COMPILE_BYTECODE=1 NO_COLOR=1
+b=/{BUILD_DIR}
+if [ ! -x {TOOLS_MOUNT}/uv ]; then
+  echo "berth: no uv in the tools volume" >&2; exit {TOOLS_MISSING_EXIT}
+fi
+if [ -s "$b/ca.pem" ]; then export SSL_CERT_FILE="$b/ca.pem"; fi
+if [ -s "$b/index-url" ]; then UV_INDEX_URL=$(cat "$b/index-url"); export UV_INDEX_URL; fi
+if [ -s "$b/extra-index-urls" ]; then
+  UV_EXTRA_INDEX_URL=$(cat "$b/extra-index-urls"); export UV_EXTRA_INDEX_URL
+fi
+python3 -m venv --without-pip {VENV}
+{TOOLS_MOUNT}/uv pip install --python {VENV}/bin/python -r "$b/requirements.lock"
+mkdir -p /work
+chown "$(cat "$b/job-user")" /work
+rm -rf "$b"
+"""
+
+# Moves a freshly copied uv into place in one rename: a reader never sees half a binary.
+TOOLS_SCRIPT: Final = f'mv -f "$1" {TOOLS_MOUNT}/uv'
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str
+    tags: tuple[str, ...]
+    size_bytes: int
+    labels: Mapping[str, str]
+    created: datetime
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    labels: Mapping[str, str]
+    state: str
+    created: datetime
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    image_id: str
+    tag: str
+    size_bytes: int
+    build_seconds: float
+    log_tail: str
+
+
+class _Tail:
+    """The last bytes of a build's combined output."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def add(self, _stream: int, data: bytes) -> None:
+        self._data += data
+        if len(self._data) > 2 * LOG_TAIL_BYTES:
+            del self._data[:-LOG_TAIL_BYTES]
+
+    def text(self) -> str:
+        text = bytes(self._data[-LOG_TAIL_BYTES:]).decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
+
+
+class Engine:
+    """The Docker engine of this host; build with ``await Engine.connect(settings)``."""
+
+    def __init__(self, settings: Settings, api: DockerApi) -> None:
+        self.settings = settings
+        self._api = api
+        self._engine_id: str | None = None
+        self._tools_volume: str | None = None
+        self._tools_lock = asyncio.Lock()
+        self._cache_volume_ready = False
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> Engine:
+        """Open a session and ping the engine; ServiceUnavailable if it does not answer."""
+        return cls(settings, await DockerApi.connect(settings.docker_url))
+
+    async def close(self) -> None:
+        """Finish pending container removals, then close the session."""
+        await self._api.close()
+
+    async def engine_id(self) -> str:
+        if self._engine_id is None:
+            info = await self._api.json("info", "info")
+            self._engine_id = str(info["ID"])
+        return self._engine_id
+
+    # ------------------------------------------------------------------ images
+
+    async def image_info(self, ref: str) -> ImageInfo | None:
+        """The image as the engine knows it, or None when it is not there."""
+        try:
+            data = await self._api.json("image inspect", f"images/{ref}/json")
+        except EngineNotFound:
+            return None
+        return ImageInfo(
+            id=str(data["Id"]),
+            tags=tuple(data.get("RepoTags") or ()),
+            size_bytes=int(data.get("Size") or 0),
+            labels=dict((data.get("Config") or {}).get("Labels") or {}),
+            created=datetime.fromisoformat(str(data["Created"])),
+        )
+
+    async def base_image_digest(self, ref: str) -> str:
+        """The Id (sha256:…) of a base image, pulled once when it is missing."""
+        info = await self.image_info(ref)
+        if info is None:
+            reason = await self._api.pull(ref, PULL_TIMEOUT_S)
+            info = await self.image_info(ref)
+            if info is None:
+                raise EngineError(
+                    "base image",
+                    f"{ref} is not on this engine and pulling it failed ({reason}); "
+                    "where no registry is reachable, make it with deploy/make-base-images.sh",
+                )
+        return info.id
+
+    async def remove_image(self, ref: str, *, force: bool = False) -> bool:
+        """True when removed, False when it was not there; EngineError when in use."""
+        try:
+            await self._api.send(
+                "image remove", f"images/{ref}", method="DELETE", params={"force": force}
+            )
+        except EngineNotFound:
+            return False
+        return True
+
+    async def list_berth_images(self) -> list[ImageInfo]:
+        items = await self._api.json(
+            "image list",
+            "images/json",
+            params={"filters": {"label": [f"{constants.LABEL_MANAGED}=true"]}},
+        )
+        return [
+            ImageInfo(
+                id=str(item["Id"]),
+                tags=tuple(t for t in item.get("RepoTags") or () if t != "<none>:<none>"),
+                size_bytes=int(item.get("Size") or 0),
+                labels=dict(item.get("Labels") or {}),
+                created=datetime.fromtimestamp(int(item.get("Created") or 0), UTC),
+            )
+            for item in items
+        ]
+
+    # -------------------------------------------------------------- containers
+
+    async def image_keys_in_use(self) -> set[str]:
+        """Image keys of every created or running container (eviction skips them)."""
+        items = await self._api.list_containers(
+            label=[constants.LABEL_IMAGE_KEY],
+            status=["created", "running", "paused", "restarting"],
+        )
+        return {str(item["Labels"][constants.LABEL_IMAGE_KEY]) for item in items}
+
+    async def list_berth_containers(self) -> list[ContainerInfo]:
+        """Every container labelled berth.managed=true, in any state."""
+        items = await self._api.list_containers(label=[f"{constants.LABEL_MANAGED}=true"])
+        return [
+            ContainerInfo(
+                id=str(item["Id"]),
+                name=str((item.get("Names") or ["?"])[0]).lstrip("/"),
+                labels=dict(item.get("Labels") or {}),
+                state=str(item.get("State") or ""),
+                created=datetime.fromtimestamp(int(item.get("Created") or 0), UTC),
+            )
+            for item in items
+        ]
+
+    async def remove_container(self, ref: str) -> bool:
+        """Force-remove a container and its anonymous volumes; False if it was not there."""
+        return await self._api.remove_container(ref)
+
+    async def sweep_containers(self, *, older_than_s: float) -> int:
+        """Remove berth's build/job/tools containers older than that (dead workers')."""
+        cutoff = time.time() - older_than_s
+        items = await self._api.list_containers(label=[f"{constants.LABEL_MANAGED}=true"])
+        removed = 0
+        for item in items:
+            role = (item.get("Labels") or {}).get(constants.LABEL_ROLE)
+            if role in SWEPT_ROLES and int(item.get("Created") or 0) < cutoff:
+                removed += await self._api.remove_container(str(item["Id"]))
+        if removed:
+            log.info("containers swept", removed=removed, older_than_s=older_than_s)
+        return removed
+
+    def sandbox(
+        self,
+        *,
+        image: str,
+        job_id: str,
+        image_key: str,
+        limits: SandboxLimits,
+        env: Mapping[str, str],
+    ) -> Sandbox:
+        """``async with engine.sandbox(...) as box:`` put files, run, collect."""
+        return Sandbox(
+            self._api, image=image, job_id=job_id, image_key=image_key, limits=limits, env=env
+        )
+
+    # ------------------------------------------------------------------- tools
+
+    async def ensure_tools(self, *, image: str | None = None) -> str:
+        """The volume ``berth-tools-<uv version>`` holding this host's uv, filled once.
+
+        ``image`` is any image with /bin/sh and mv (default: a configured runtime).
+        """
+        if self._tools_volume is not None:
+            return self._tools_volume
+        async with self._tools_lock:
+            if self._tools_volume is None:
+                volume = f"berth-tools-{importlib.metadata.version('uv')}"
+                await self._create_volume(volume, ROLE_TOOLS)
+                await self._fill_tools(volume, image or await self._any_runtime_image())
+                self._tools_volume = volume
+        return self._tools_volume
+
+    async def list_berth_volumes(self) -> list[str]:
+        """Names of the volumes berth made (tools, uv cache)."""
+        data = await self._api.json(
+            "volume list",
+            "volumes",
+            params={"filters": {"label": [f"{constants.LABEL_MANAGED}=true"]}},
+        )
+        return sorted(str(item["Name"]) for item in data.get("Volumes") or ())
+
+    async def remove_volume(self, name: str) -> bool:
+        """False when it was not there; EngineError while a container uses it."""
+        try:
+            await self._api.send("volume remove", f"volumes/{name}", method="DELETE")
+        except EngineNotFound:
+            return False
+        if name == self._tools_volume:
+            self._tools_volume = None
+        elif name == self.settings.uv_cache_volume:
+            self._cache_volume_ready = False
+        return True
+
+    async def _create_volume(self, name: str, role: str) -> None:
+        labels = {constants.LABEL_MANAGED: "true", constants.LABEL_ROLE: role}
+        await self._api.json(
+            "volume create", "volumes/create", method="POST", body={"Name": name, "Labels": labels}
+        )
+
+    async def _any_runtime_image(self) -> str:
+        for ref in self.settings.runtime_images.values():
+            if await self.image_info(ref) is not None:
+                return ref
+        raise EngineError("tools volume", "none of the runtime images is on this engine")
+
+    async def _fill_tools(self, volume: str, image: str) -> None:
+        staged = f"{TOOLS_MOUNT}/.uv-{secrets.token_hex(8)}"
+        config: JsonObject = {
+            "Image": image,
+            "Cmd": ["/bin/sh", "-ec", TOOLS_SCRIPT, "sh", staged],
+            "User": "0:0",
+            "Labels": {constants.LABEL_MANAGED: "true", constants.LABEL_ROLE: ROLE_TOOLS},
+            "HostConfig": {
+                "NetworkMode": "none",
+                "CapDrop": ["ALL"],
+                "SecurityOpt": ["no-new-privileges"],
+                "Mounts": [{"Type": "volume", "Source": volume, "Target": TOOLS_MOUNT}],
+                "LogConfig": {"Type": "none", "Config": {}},
+            },
+        }
+        name = f"berth-tools-{secrets.token_hex(8)}"
+        container_id = await self._api.create_container(name, config)
+        try:
+            if await self._api.path_exists(container_id, f"{TOOLS_MOUNT}/uv"):
+                return
+            binary = Path(str(uv.find_uv_bin()))
+            await self._api.put_archive(
+                container_id, TOOLS_MOUNT, _file_tar_stream(binary, staged), TOOLS_TIMEOUT_S
+            )
+            tail = _Tail()
+            done = await run_attached(
+                self._api, container_id, timeout_s=TOOLS_TIMEOUT_S, on_output=tail.add
+            )
+            if done.exit_code != 0:
+                raise EngineError("tools volume", f"moving uv into {volume} failed: {tail.text()}")
+            log.info("tools volume filled", volume=volume, uv=str(binary))
+        finally:
+            await self._api.remove_container_shielded(container_id)
+
+    # ------------------------------------------------------------------- build
+
+    async def build_image(
+        self, *, image_key: str, base_image: str, lock_text: str, labels: Mapping[str, str]
+    ) -> BuiltImage:
+        """Install ``lock_text`` into a venv on ``base_image``; tag ``berth/deps:<key>``.
+
+        BuildFailed when the installer fails or times out (with uv's last lines).
+        """
+        started = time.monotonic()
+        build_tar = files_tar(await self._build_files(lock_text), uid=0, gid=0)
+        tail = _Tail()
+        image_id: str | None = None
+        for _attempt in range(2):
+            tools = await self.ensure_tools(image=base_image)
+            if not self._cache_volume_ready:
+                await self._create_volume(self.settings.uv_cache_volume, ROLE_UV_CACHE)
+                self._cache_volume_ready = True
+            tail = _Tail()
+            try:
+                image_id = await self._build_in_container(
+                    image_key, base_image, tools, build_tar, labels, tail
+                )
+            except BuildFailed as e:
+                log.warning(
+                    "image build failed",
+                    image_key=image_key,
+                    base_image=base_image,
+                    reason=e.reason,
+                    build_s=round(time.monotonic() - started, 3),
+                )
+                raise
+            if image_id is not None:
+                break
+            log.warning("tools volume has no uv; filling it again", volume=tools)
+            self._tools_volume = None
+        if image_id is None:
+            raise EngineError("image build", "the tools volume stays without uv")
+        info = await self.image_info(image_id)
+        built = BuiltImage(
+            image_id=image_id,
+            tag=constants.image_tag(image_key),
+            size_bytes=info.size_bytes if info else 0,
+            build_seconds=time.monotonic() - started,
+            log_tail=tail.text(),
+        )
+        log.info(
+            "image built",
+            image_key=image_key,
+            base_image=base_image,
+            image_id=image_id,
+            size_bytes=built.size_bytes,
+            build_s=round(built.build_seconds, 3),
+        )
+        return built
+
+    async def _build_in_container(
+        self,
+        image_key: str,
+        base_image: str,
+        tools: str,
+        build_tar: bytes,
+        labels: Mapping[str, str],
+        tail: _Tail,
+    ) -> str | None:
+        """Run the build script and commit; None when the tools volume had no uv."""
+        settings = self.settings
+        config: JsonObject = {
+            "Image": base_image,
+            "Cmd": ["/bin/sh", "-ec", BUILD_SCRIPT],
+            "User": "0:0",
+            "WorkingDir": "/",
+            "Env": list(IMAGE_ENV),
+            "Labels": {
+                constants.LABEL_MANAGED: "true",
+                constants.LABEL_ROLE: ROLE_BUILD,
+                constants.LABEL_IMAGE_KEY: image_key,
+            },
+            "AttachStdout": True,
+            "AttachStderr": True,
+            "HostConfig": {
+                "NetworkMode": settings.build_network,
+                "Init": True,
+                # Root, but only allowed to chown /work: package builds run here.
+                "CapDrop": ["ALL"],
+                "CapAdd": ["CHOWN"],
+                "SecurityOpt": ["no-new-privileges"],
+                "Mounts": [
+                    {"Type": "volume", "Source": tools, "Target": TOOLS_MOUNT, "ReadOnly": True},
+                    {
+                        "Type": "volume",
+                        "Source": settings.uv_cache_volume,
+                        "Target": UV_CACHE_MOUNT,
+                    },
+                ],
+                "LogConfig": {"Type": "none", "Config": {}},
+            },
+        }
+        name = f"berth-build-{secrets.token_hex(8)}"
+        container_id = await self._api.create_container(name, config)
+        try:
+            await self._api.put_archive(container_id, "/", build_tar, CALL_TIMEOUT_S)
+            done = await run_attached(
+                self._api, container_id, timeout_s=settings.build_timeout_s, on_output=tail.add
+            )
+            if done.timed_out:
+                reason = f"timed out after {settings.build_timeout_s:g} s"
+                raise BuildFailed(image_key, reason, tail.text())
+            if done.exit_code == TOOLS_MISSING_EXIT:
+                return None
+            if done.exit_code != 0:
+                reason = f"the installer exited with code {done.exit_code}"
+                raise BuildFailed(image_key, reason, tail.text())
+            return await self._commit(container_id, image_key, labels)
+        finally:
+            await self._api.remove_container_shielded(container_id)
+
+    async def _build_files(self, lock_text: str) -> list[tuple[str, bytes, int]]:
+        settings = self.settings
+        parse_user(settings.job_user)
+        files = {
+            f"{BUILD_DIR}/requirements.lock": lock_text.encode(),
+            f"{BUILD_DIR}/job-user": settings.job_user.encode(),
+        }
+        if settings.ca_bundle_path is not None:
+            files[f"{BUILD_DIR}/ca.pem"] = await asyncio.to_thread(
+                settings.ca_bundle_path.read_bytes
+            )
+        if settings.index_url:
+            files[f"{BUILD_DIR}/index-url"] = settings.index_url.encode()
+        if settings.extra_index_urls:
+            files[f"{BUILD_DIR}/extra-index-urls"] = " ".join(settings.extra_index_urls).encode()
+        return [(name, data, 0o600) for name, data in files.items()]
+
+    async def _commit(self, container_id: str, image_key: str, labels: Mapping[str, str]) -> str:
+        repository, _, tag = constants.image_tag(image_key).rpartition(":")
+        config: JsonObject = {
+            "User": self.settings.job_user,
+            "WorkingDir": "/work",
+            "Env": list(IMAGE_ENV),
+            "Cmd": ["python3"],
+            "Labels": {
+                **labels,
+                constants.LABEL_MANAGED: "true",
+                constants.LABEL_ROLE: ROLE_IMAGE,
+                constants.LABEL_IMAGE_KEY: image_key,
+            },
+        }
+        data = await self._api.json(
+            "image commit",
+            "commit",
+            method="POST",
+            params={"container": container_id, "repo": repository, "tag": tag, "pause": False},
+            body=config,
+            timeout_s=COMMIT_TIMEOUT_S,
+        )
+        return str(data["Id"])
+
+
+async def _file_tar_stream(path: Path, name: str) -> AsyncIterator[bytes]:
+    """A one-file tar (mode 0755, root), read from disk chunk by chunk."""
+    info = tarfile.TarInfo(name.rpartition("/")[2])
+    info.size = (await asyncio.to_thread(path.stat)).st_size
+    info.mode, info.mtime = 0o755, int(time.time())
+    yield info.tobuf(format=tarfile.PAX_FORMAT)
+    handle = await asyncio.to_thread(path.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(handle.read, 1024 * 1024):
+            yield chunk
+    finally:
+        await asyncio.to_thread(handle.close)
+    yield tarfile.NUL * (-info.size % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE)

@@ -1,0 +1,154 @@
+"""Fixtures for tests that talk to the real Docker engine.
+
+Import them into conftest (``from tests.docker_fixtures import *`` or
+``pytest_plugins = ["tests.docker_fixtures"]``). Everything a test makes is
+named or labelled with ``docker_prefix`` (random per run): job ids, image keys,
+the uv cache volume. After each test no container of the run may remain; at
+the end of the session the run's containers, images and volumes are removed.
+The tools volume (``berth-tools-<uv version>``) stays, like the base image: other
+sessions on the same engine may be using it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from shared import constants
+from shared.engine import BuiltImage, Engine
+from shared.settings import Settings
+
+__all__ = [
+    "BASE_IMAGE",
+    "belongs_to_run",
+    "docker_cleanup",
+    "docker_prefix",
+    "docker_settings",
+    "engine",
+    "six_image",
+]
+
+DOCKER_URL = "unix:///var/run/docker.sock"
+BASE_IMAGE = "berth-base/python:3.11"
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+T = TypeVar("T")
+
+
+def _run_in_thread(step: Awaitable[T]) -> T:
+    """Run a coroutine on a loop of its own, away from pytest-asyncio's loops."""
+
+    async def main() -> T:
+        return await step
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, main()).result()
+
+
+def belongs_to_run(labels: Mapping[str, str], prefix: str) -> bool:
+    """True for a container or image labelled with one of this run's job ids or keys."""
+    return any(
+        str(labels.get(label, "")).startswith(prefix)
+        for label in (constants.LABEL_JOB_ID, constants.LABEL_IMAGE_KEY)
+    )
+
+
+@pytest.fixture(scope="session")
+def docker_prefix() -> str:
+    """Random per run: every job id, image key and volume of the run starts with it."""
+    return f"berthtest-{secrets.token_hex(4)}"
+
+
+@pytest.fixture(scope="session")
+def docker_settings(docker_prefix: str) -> Settings:
+    return Settings(
+        docker_url=DOCKER_URL,
+        runtime_images={"python3.11": BASE_IMAGE},
+        uv_cache_volume=f"{docker_prefix}-uv-cache",
+        ca_bundle_path=CA_BUNDLE if CA_BUNDLE.exists() else None,
+        build_timeout_s=300,
+    )
+
+
+async def _check_engine(settings: Settings) -> None:
+    engine = await Engine.connect(settings)
+    try:
+        if await engine.image_info(BASE_IMAGE) is None:
+            pytest.fail(f"{BASE_IMAGE} is missing: make it with deploy/make-base-images.sh")
+    finally:
+        await engine.close()
+
+
+async def _cleanup(settings: Settings, prefix: str) -> None:
+    engine = await Engine.connect(settings)
+    try:
+        for container in await engine.list_berth_containers():
+            if belongs_to_run(container.labels, prefix):
+                await engine.remove_container(container.id)
+        for image in await engine.list_berth_images():
+            if belongs_to_run(image.labels, prefix):
+                await engine.remove_image(image.id, force=True)
+        for volume in await engine.list_berth_volumes():
+            if volume.startswith(prefix):
+                await engine.remove_volume(volume)
+    finally:
+        await engine.close()
+
+
+@pytest.fixture(scope="session")
+def docker_cleanup(docker_settings: Settings, docker_prefix: str) -> Iterator[None]:
+    """Checks the engine and base image once; removes what the run made at the end."""
+    _run_in_thread(_check_engine(docker_settings))
+    yield
+    _run_in_thread(_cleanup(docker_settings, docker_prefix))
+
+
+@pytest.fixture
+async def engine(
+    docker_settings: Settings, docker_prefix: str, docker_cleanup: None
+) -> AsyncIterator[Engine]:
+    """A connected Engine; the test fails if it leaves a container of this run behind."""
+    connected = await Engine.connect(docker_settings)
+    try:
+        yield connected
+    finally:
+        await connected.close()  # also waits for removals still in flight
+    checker = await Engine.connect(docker_settings)
+    try:
+        leftovers = [
+            container
+            for container in await checker.list_berth_containers()
+            if belongs_to_run(container.labels, docker_prefix)
+        ]
+        for container in leftovers:
+            await checker.remove_container(container.id)
+    finally:
+        await checker.close()
+    if leftovers:
+        pytest.fail(f"containers left behind: {[c.name for c in leftovers]}")
+
+
+@pytest.fixture(scope="session")
+def _built_images() -> dict[str, BuiltImage]:
+    return {}
+
+
+@pytest.fixture
+async def six_image(
+    engine: Engine, docker_prefix: str, _built_images: dict[str, BuiltImage]
+) -> BuiltImage:
+    """An image with six==1.16.0, built once per run."""
+    if "six" not in _built_images:
+        _built_images["six"] = await engine.build_image(
+            image_key=f"{docker_prefix}-six",
+            base_image=BASE_IMAGE,
+            lock_text="six==1.16.0\n",
+            labels={"berth.test": docker_prefix},
+        )
+    return _built_images["six"]

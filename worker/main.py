@@ -1,0 +1,143 @@
+"""The arq worker: its context, start-up and shutdown, and `berth worker`.
+
+Settings are built once by the entrypoint and handed to `build_worker()`, which
+opens nothing itself: `on_startup` opens Redis (arq's), Postgres and the Docker
+engine into a typed context, and `on_shutdown` closes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from typing import Any, TypedDict, cast
+
+import asyncpg
+import structlog
+from arq import Worker, func
+from arq.connections import ArqRedis
+from arq.typing import WorkerCoroutine
+
+from shared.cache import Cache
+from shared.client import JOB_FUNCTION
+from shared.connections import deserialize_job, redis_settings, serialize_job
+from shared.db import create_pool
+from shared.engine import Engine
+from shared.pathcache import BlobStore, DirectoryBlobStore
+from shared.settings import Settings
+from worker.images import ImageResolver
+from worker.jobs import Deps, execute
+
+log = structlog.get_logger(__name__)
+
+
+class WorkerContext(TypedDict, total=False):
+    """arq's ctx as berth fills it in on_startup."""
+
+    settings: Settings
+    redis: ArqRedis
+    pool: asyncpg.Pool
+    engine: Engine
+    deps: Deps
+    job_id: str
+    job_try: int
+    enqueue_time: Any
+
+
+async def run_job(arq_ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
+    """arq's entry for a berth job: thin, everything happens in worker.jobs."""
+    ctx = cast(WorkerContext, arq_ctx)
+    return await execute(
+        ctx["deps"],
+        payload,
+        job_id=ctx["job_id"],
+        attempt=ctx["job_try"],
+        enqueued_at=ctx.get("enqueue_time"),
+    )
+
+
+async def on_startup(arq_ctx: dict[str, Any]) -> None:
+    ctx = cast(WorkerContext, arq_ctx)
+    settings = ctx["settings"]
+    pool = await create_pool(settings)
+    try:
+        engine = await Engine.connect(settings)
+    except BaseException:
+        await pool.close()
+        raise
+    blobs: BlobStore = DirectoryBlobStore(settings.path_cache_dir)
+    cache = Cache(ctx["redis"], pool, settings)
+    ctx["pool"] = pool
+    ctx["engine"] = engine
+    ctx["deps"] = Deps(
+        settings=settings,
+        redis=ctx["redis"],
+        pool=pool,
+        engine=engine,
+        cache=cache,
+        resolver=ImageResolver(cache, engine, ctx["redis"], settings),
+        blobs=blobs,
+        worker_name=f"{socket.gethostname()}:{os.getpid()}",
+    )
+    log.info(
+        "worker.started",
+        queue=settings.queue_name,
+        concurrency=settings.worker_concurrency,
+        engine=await engine.engine_id(),
+    )
+
+
+async def on_shutdown(arq_ctx: dict[str, Any]) -> None:
+    ctx = cast(WorkerContext, arq_ctx)
+    if "engine" in ctx:
+        await ctx["engine"].close()
+    if "pool" in ctx:
+        await ctx["pool"].close()
+    log.info("worker.stopped")
+
+
+def job_timeout_s(settings: Settings) -> float:
+    """The longest a job may hold a worker: build wait and build, then the run."""
+    return settings.build_wait_timeout_s + settings.resolve_timeout_s + settings.max_timeout_s + 120
+
+
+def build_worker(settings: Settings, *, burst: bool = False, **overrides: Any) -> Worker:
+    """An arq Worker for berth jobs; tests pass burst=True, poll_delay=0."""
+    options: dict[str, Any] = {
+        "functions": [
+            func(
+                cast(WorkerCoroutine, run_job), name=JOB_FUNCTION, max_tries=settings.job_max_tries
+            )
+        ],
+        "queue_name": settings.queue_name,
+        "redis_settings": redis_settings(settings),
+        "job_serializer": serialize_job,
+        "job_deserializer": deserialize_job,
+        "on_startup": on_startup,
+        "on_shutdown": on_shutdown,
+        "ctx": {"settings": settings},
+        "max_jobs": settings.worker_concurrency,
+        "job_timeout": job_timeout_s(settings),
+        "keep_result": settings.result_ttl_s,
+        "max_tries": settings.job_max_tries,
+        "allow_abort_jobs": True,
+        "burst": burst,
+        "handle_signals": not burst,
+    }
+    options.update(overrides)
+    return Worker(**options)
+
+
+async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    worker = build_worker(settings, burst=args.burst)
+    try:
+        await worker.async_run()
+    finally:
+        await worker.close()
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("worker", help="run a worker: pull jobs from the queue and run them")
+    p.add_argument("--burst", action="store_true", help="stop when the queue is empty")
+    p.set_defaults(handler=cmd_worker, service=True)
