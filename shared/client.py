@@ -17,8 +17,9 @@ from typing import Any
 
 import asyncpg
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
-from arq.jobs import Job, JobStatus
+from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.jobs import Job, JobStatus, SerializationError
+from redis.exceptions import WatchError
 
 from shared.constants import CANCEL_REQUEST_TTL_S, cancel_request_key
 from shared.errors import JobNotFound, QueueFull
@@ -144,8 +145,7 @@ class Client:
         job = self._job(job_id)
         info = await job.info()
         # Not picked up yet: take it off the queue ourselves, no worker needed.
-        if await self.redis.zrem(self.settings.queue_name, job_id):
-            await self.redis.delete(job_key_prefix + job_id)
+        if await self._dequeue_if_waiting(job_id):
             runtime = _payload_runtime(info.args if info is not None else ())
             if self.pool is not None:
                 await self.pool.execute(
@@ -163,7 +163,33 @@ class Client:
             return False
         # Running: mark why it stops, then let arq cancel the task on its worker.
         await self.redis.set(cancel_request_key(job_id), b"1", ex=CANCEL_REQUEST_TTL_S)
-        return await job.abort(timeout=ABORT_WAIT_S)
+        try:
+            return await job.abort(timeout=ABORT_WAIT_S)
+        except SerializationError as e:
+            # arq recognises an abort by the CancelledError object in the result;
+            # with JSON results it arrives as {"error": "CancelledError", ...}.
+            return _is_cancel(e.args[0] if e.args else None)
+
+    async def _dequeue_if_waiting(self, job_id: str) -> bool:
+        """Remove a queued job no worker holds, atomically with arq's pick-up.
+
+        arq keeps a running job in the queue set too; it marks it with an
+        in-progress key under WATCH. Watching the same key here means either we
+        remove the job before any worker takes it, or we see it taken.
+        """
+        in_progress = in_progress_key_prefix + job_id
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(in_progress)
+                if await pipe.exists(in_progress):
+                    return False
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.zrem(self.settings.queue_name, job_id)
+                pipe.delete(job_key_prefix + job_id)
+                removed, _ = await pipe.execute()
+            except WatchError:
+                return False
+        return bool(removed)
 
     async def _arq_only_result(self, job_id: str, status: Status) -> JobResult:
         info = await self._job(job_id).result_info()

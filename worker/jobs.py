@@ -16,13 +16,14 @@ import asyncpg
 import structlog
 from redis.asyncio import Redis
 
+from shared.blobstore import BlobStore
 from shared.cache import Cache
 from shared.constants import cancel_request_key
 from shared.engine import Engine
-from shared.errors import BerthError, ImageMissing, InvalidJob
+from shared.errors import BerthError, ImageMissing, InvalidJob, ServiceUnavailable
 from shared.hashing import execution_key, script_hash
 from shared.models import OUTPUT_DIR, SCRIPT_NAME, JobSpec, Status
-from shared.pathcache import BlobStore, restore_caches, save_caches
+from shared.pathcache import restore_caches, save_caches
 from shared.sandbox import SandboxLimits
 from shared.settings import Settings
 from worker import records
@@ -34,6 +35,36 @@ log = structlog.get_logger(__name__)
 PYTHON = "/opt/venv/bin/python"
 
 
+class EngineLink:
+    """The worker's engine session, opened on first use and after a failure.
+
+    A worker starts and stays up while its engine is down: each job then fails
+    with the engine's error instead of the worker crash-looping, and the next
+    job after the engine is back reconnects.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._engine: Engine | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> Engine:
+        async with self._lock:
+            if self._engine is None:
+                self._engine = await Engine.connect(self.settings)
+            return self._engine
+
+    async def reset(self) -> None:
+        """Drop the session after the engine stopped answering; the next get() reopens."""
+        async with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.close()
+
+    async def close(self) -> None:
+        await self.reset()
+
+
 @dataclass(frozen=True)
 class Deps:
     """What a job needs from its worker."""
@@ -41,9 +72,8 @@ class Deps:
     settings: Settings
     redis: Redis
     pool: asyncpg.Pool
-    engine: Engine
+    engines: EngineLink
     cache: Cache
-    resolver: ImageResolver
     blobs: BlobStore
     worker_name: str
 
@@ -77,7 +107,9 @@ async def execute(
         spec = JobSpec.from_payload(payload, deps.settings)
         columns["script_hash"] = script_hash(spec.script)
         t0 = time.perf_counter()
-        keys = await deps.resolver.keys(spec.runtime, spec.requirements)
+        engine = await deps.engines.get()
+        resolver = ImageResolver(deps.cache, engine, deps.redis, deps.settings)
+        keys = await resolver.keys(spec.runtime, spec.requirements)
         timings["keys_s"] = round(time.perf_counter() - t0, 4)
         columns |= {
             "deps_hash": keys.deps_hash,
@@ -86,11 +118,15 @@ async def execute(
         }
         outcome = await _reuse(deps, spec, columns["execution_key"])
         if outcome is None:
-            outcome = await _build_and_run(deps, spec, keys, job_id, timings, columns)
+            outcome = await _build_and_run(
+                deps, engine, resolver, spec, keys, job_id, timings, columns
+            )
     except asyncio.CancelledError:
         await asyncio.shield(_interrupted(deps, job_id, columns))
         raise
     except BerthError as e:
+        if isinstance(e, ServiceUnavailable) and e.service == "docker":
+            await deps.engines.reset()
         outcome = Outcome(Status.ERROR, error=str(e), details={"error_kind": type(e).__name__})
         if isinstance(e, InvalidJob):
             outcome.details["field"] = e.field
@@ -156,6 +192,8 @@ async def _reuse(deps: Deps, spec: JobSpec, ek: str) -> Outcome | None:
 
 async def _build_and_run(
     deps: Deps,
+    engine: Engine,
+    resolver: ImageResolver,
     spec: JobSpec,
     keys: Keys,
     job_id: str,
@@ -174,14 +212,14 @@ async def _build_and_run(
         )
 
     t0 = time.perf_counter()
-    image = await deps.resolver.ready(keys, job_id=job_id, on_build=mark_building)
+    image = await resolver.ready(keys, job_id=job_id, on_build=mark_building)
     try:
-        outcome = await _run(deps, spec, image, job_id, timings, columns)
+        outcome = await _run(deps, engine, spec, image, job_id, timings, columns)
     except ImageMissing:
         # The record outlived its image (removed behind the cache's back): rebuild once.
-        await deps.resolver.drop_stale(keys.image_key)
-        image = await deps.resolver.ready(keys, job_id=job_id, on_build=mark_building)
-        outcome = await _run(deps, spec, image, job_id, timings, columns)
+        await resolver.drop_stale(keys.image_key)
+        image = await resolver.ready(keys, job_id=job_id, on_build=mark_building)
+        outcome = await _run(deps, engine, spec, image, job_id, timings, columns)
         outcome.details["stale_image_rebuilt"] = True
     timings["image_s"] = round(time.perf_counter() - t0 - timings.get("run_s", 0.0), 4)
     if image.build_s:
@@ -193,6 +231,7 @@ async def _build_and_run(
 
 async def _run(
     deps: Deps,
+    engine: Engine,
     spec: JobSpec,
     image: ReadyImage,
     job_id: str,
@@ -216,7 +255,7 @@ async def _run(
     )
     t0 = time.perf_counter()
     details: dict[str, Any] = {}
-    async with deps.engine.sandbox(
+    async with engine.sandbox(
         image=image.tag, job_id=job_id, image_key=image.image_key, limits=limits, env=spec.env
     ) as box:
         await box.put_files({SCRIPT_NAME: spec.script.encode(), **spec.files})

@@ -18,15 +18,14 @@ from arq import Worker, func
 from arq.connections import ArqRedis
 from arq.typing import WorkerCoroutine
 
+from shared.blobstore import DirectoryBlobStore
 from shared.cache import Cache
 from shared.client import JOB_FUNCTION
 from shared.connections import deserialize_job, redis_settings, serialize_job
 from shared.db import create_pool
-from shared.engine import Engine
-from shared.pathcache import BlobStore, DirectoryBlobStore
+from shared.errors import ServiceUnavailable
 from shared.settings import Settings
-from worker.images import ImageResolver
-from worker.jobs import Deps, execute
+from worker.jobs import Deps, EngineLink, execute
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +36,6 @@ class WorkerContext(TypedDict, total=False):
     settings: Settings
     redis: ArqRedis
     pool: asyncpg.Pool
-    engine: Engine
     deps: Deps
     job_id: str
     job_try: int
@@ -60,45 +58,52 @@ async def on_startup(arq_ctx: dict[str, Any]) -> None:
     ctx = cast(WorkerContext, arq_ctx)
     settings = ctx["settings"]
     pool = await create_pool(settings)
-    try:
-        engine = await Engine.connect(settings)
-    except BaseException:
-        await pool.close()
-        raise
-    blobs: BlobStore = DirectoryBlobStore(settings.path_cache_dir)
-    cache = Cache(ctx["redis"], pool, settings)
+    engines = EngineLink(settings)
     ctx["pool"] = pool
-    ctx["engine"] = engine
     ctx["deps"] = Deps(
         settings=settings,
         redis=ctx["redis"],
         pool=pool,
-        engine=engine,
-        cache=cache,
-        resolver=ImageResolver(cache, engine, ctx["redis"], settings),
-        blobs=blobs,
+        engines=engines,
+        cache=Cache(ctx["redis"], pool, settings),
+        blobs=DirectoryBlobStore(settings.path_cache_dir),
         worker_name=f"{socket.gethostname()}:{os.getpid()}",
     )
+    try:
+        engine_id: str | None = await (await engines.get()).engine_id()
+    except ServiceUnavailable as e:
+        # Keep serving: each job reports the engine's state until it is back.
+        log.error("worker.engine_unreachable", error=str(e))
+        engine_id = None
     log.info(
         "worker.started",
         queue=settings.queue_name,
         concurrency=settings.worker_concurrency,
-        engine=await engine.engine_id(),
+        engine=engine_id,
     )
 
 
 async def on_shutdown(arq_ctx: dict[str, Any]) -> None:
     ctx = cast(WorkerContext, arq_ctx)
-    if "engine" in ctx:
-        await ctx["engine"].close()
+    if "deps" in ctx:
+        await ctx["deps"].engines.close()
     if "pool" in ctx:
         await ctx["pool"].close()
     log.info("worker.stopped")
 
 
 def job_timeout_s(settings: Settings) -> float:
-    """The longest a job may hold a worker: build wait and build, then the run."""
-    return settings.build_wait_timeout_s + settings.resolve_timeout_s + settings.max_timeout_s + 120
+    """The longest a job may hold a worker: lock resolution, build wait, run, grace.
+
+    arq keeps a job's in-progress marker this long (+10 s): a job whose worker died
+    is picked up again by another worker once it lapses.
+    """
+    return (
+        settings.resolve_timeout_s
+        + max(settings.build_wait_timeout_s, settings.build_timeout_s)
+        + settings.max_timeout_s
+        + settings.stuck_grace_s
+    )
 
 
 def build_worker(settings: Settings, *, burst: bool = False, **overrides: Any) -> Worker:
