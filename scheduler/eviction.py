@@ -24,6 +24,7 @@ own, so every host with workers is swept, one sweeper per engine at a time.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,7 +35,7 @@ from redis.asyncio import Redis
 
 from scheduler.eviction_plan import Candidate, Removal, plan_eviction
 from shared.cache import Cache, count
-from shared.constants import LABEL_IMAGE_KEY, REDIS_PREFIX, build_lease_key
+from shared.constants import LABEL_IMAGE_KEY, build_lease_key, eviction_lease_key
 from shared.engine import Engine, ImageInfo
 from shared.errors import EngineError
 from shared.lease import Lease
@@ -45,11 +46,6 @@ log = structlog.get_logger(__name__)
 
 SWEEP_TIMEOUT_S = 600.0
 EVICTION_LEASE_TTL_S = 60.0  # renewed while the sweep runs
-
-
-def eviction_lease_key(engine_id: str) -> str:
-    """Held while one process sweeps one engine's images (belongs in shared.constants)."""
-    return f"{REDIS_PREFIX}lease:evict:{engine_id}"
 
 
 @dataclass
@@ -236,23 +232,32 @@ def record_eviction_metrics(metrics: Metrics, report: EvictionReport) -> None:
 
 
 async def eviction_loop(
-    engine: Engine,
+    engine: Callable[[], Awaitable[Engine]],
     pool: asyncpg.Pool,
     redis: Redis,
     settings: Settings,
+    *,
+    container_max_age_s: float,
     metrics: Metrics | None = None,
 ) -> None:
-    """Sweep ``engine`` every ``eviction_interval_s`` until cancelled (each worker runs one).
+    """Sweep this host's engine every ``eviction_interval_s`` until cancelled.
 
-    Start it as a task in the worker's ``on_startup`` and cancel it in ``on_shutdown``:
-    a cron on the shared job queue would run on whichever worker picks it, not on each
-    host. The first sweep waits one interval, so a fleet starting together does not
-    sweep all at once.
+    Each worker runs one (started in its ``on_startup``): a cron on the shared job
+    queue would run on whichever worker picks it, not on each host. The per-engine
+    lease makes the workers of one host take turns. Besides images, it removes
+    berth containers older than ``container_max_age_s`` (no job or build lives that
+    long: they are leftovers of a worker that died). The first sweep waits one
+    interval, so a fleet starting together does not sweep all at once.
     """
     while True:
         await asyncio.sleep(settings.eviction_interval_s)
         try:
-            report = await evict_images(engine, pool, redis, settings)
+            current = await engine()
+            report = await evict_images(current, pool, redis, settings)
+            if not report.lease_busy:
+                swept = await current.sweep_containers(older_than_s=container_max_age_s)
+                if swept:
+                    log.info("scheduler.containers_swept", removed=swept)
         except Exception:
             log.exception("scheduler.evict_failed")
             continue

@@ -38,11 +38,13 @@ from scheduler.refresh import (
     refresh_locks,
 )
 from scheduler.retention import delete_old_executions
+from shared.blobstore import blob_store
 from shared.connections import deserialize_job, redis_settings, serialize_job
 from shared.db import create_pool
 from shared.engine import Engine
 from shared.health import HEARTBEAT_INTERVAL_S, heartbeat_key
 from shared.metrics import Metrics, MetricsServer, start_metrics_server
+from shared.pathcache import evict_path_caches
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -103,6 +105,13 @@ async def evict(ctx: SchedulerContext) -> dict[str, Any]:
     return {"removed": len(report.removed), "lease_busy": report.lease_busy}
 
 
+async def evict_paths(ctx: SchedulerContext) -> dict[str, Any]:
+    """Path caches live in one shared blob store: one sweep for the whole fleet."""
+    settings = ctx["settings"]
+    report = await evict_path_caches(ctx["pool"], blob_store(settings), settings)
+    return report.as_dict()
+
+
 async def reap(ctx: SchedulerContext) -> dict[str, Any]:
     report = await reap_stuck_jobs(ctx["pool"], ctx["redis"], ctx["settings"])
     return {"reaped": report.reaped}
@@ -151,6 +160,7 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
     """The scheduler's crons: unique, each with a timeout and a kept result."""
     schedule: list[tuple[Any, int, float]] = [
         (evict, settings.eviction_interval_s, SWEEP_TIMEOUT_S + 30),
+        (evict_paths, settings.eviction_interval_s, SWEEP_TIMEOUT_S + 30),
         (reap, REAP_INTERVAL_S, 120.0),
         (retain, RETENTION_INTERVAL_S, 900.0),
         (refresh_lock_files, LOCK_REFRESH_INTERVAL_S, LOCK_REFRESH_TIMEOUT_S),

@@ -41,6 +41,11 @@ def build_lease_key(image_key: str) -> str:
     return f"{REDIS_PREFIX}lease:build:{image_key}"
 
 
+def eviction_lease_key(engine_id: str) -> str:
+    """Held while one process sweeps one Docker engine's images."""
+    return f"{REDIS_PREFIX}lease:evict:{engine_id}"
+
+
 def cancel_request_key(job_id: str) -> str:
     """Set by `cancel()` before it asks arq to abort, so the job knows why it stops."""
     return f"{REDIS_PREFIX}cancel:{job_id}"

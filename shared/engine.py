@@ -278,7 +278,13 @@ class Engine:
     ) -> Sandbox:
         """``async with engine.sandbox(...) as box:`` put files, run, collect."""
         return Sandbox(
-            self._api, image=image, job_id=job_id, image_key=image_key, limits=limits, env=env
+            self._api,
+            image=image,
+            job_id=job_id,
+            image_key=image_key,
+            limits=limits,
+            env=env,
+            labels=self.settings.extra_labels,
         )
 
     # ------------------------------------------------------------------- tools
@@ -439,6 +445,7 @@ class Engine:
             "WorkingDir": "/",
             "Env": list(IMAGE_ENV),
             "Labels": {
+                **self.settings.extra_labels,
                 constants.LABEL_MANAGED: "true",
                 constants.LABEL_ROLE: ROLE_BUILD,
                 constants.LABEL_IMAGE_KEY: image_key,
@@ -507,6 +514,7 @@ class Engine:
             "Env": list(IMAGE_ENV),
             "Cmd": ["python3"],
             "Labels": {
+                **self.settings.extra_labels,
                 **labels,
                 constants.LABEL_MANAGED: "true",
                 constants.LABEL_ROLE: ROLE_IMAGE,

@@ -138,7 +138,13 @@ class RunResult:
 
 
 def sandbox_config(
-    *, image: str, job_id: str, image_key: str, limits: SandboxLimits, env: Mapping[str, str]
+    *,
+    image: str,
+    job_id: str,
+    image_key: str,
+    limits: SandboxLimits,
+    env: Mapping[str, str],
+    labels: Mapping[str, str] | None = None,
 ) -> JsonObject:
     for key, value in env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
@@ -150,6 +156,7 @@ def sandbox_config(
         "WorkingDir": WORKDIR,
         "Env": [f"{key}={value}" for key, value in env.items()],
         "Labels": {
+            **(labels or {}),
             constants.LABEL_MANAGED: "true",
             constants.LABEL_ROLE: ROLE_JOB,
             constants.LABEL_JOB_ID: job_id,
@@ -195,6 +202,7 @@ class Sandbox:
         image_key: str,
         limits: SandboxLimits,
         env: Mapping[str, str],
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self._api = api
         self.image = image
@@ -202,7 +210,7 @@ class Sandbox:
         self.image_key = image_key
         self.limits = limits
         self._config = sandbox_config(
-            image=image, job_id=job_id, image_key=image_key, limits=limits, env=env
+            image=image, job_id=job_id, image_key=image_key, limits=limits, env=env, labels=labels
         )
         self._owner = parse_user(limits.user)
         self._name = f"berth-job-{secrets.token_hex(8)}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -44,8 +45,14 @@ def job_run_id() -> Iterator[str]:
     asyncio.run(sweep())
 
 
+@pytest.fixture(scope="session")
+def blob_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This run's path-cache blob store (eviction deletes blobs its database does not know)."""
+    return tmp_path_factory.mktemp("path-caches")
+
+
 @pytest.fixture
-def job_settings(settings: Settings, job_run_id: str) -> Settings:
+def job_settings(settings: Settings, job_run_id: str, blob_dir: Path) -> Settings:
     """Settings for job tests: small limits, fast failure, labelled resources."""
     return settings.model_copy(
         update={
@@ -57,7 +64,7 @@ def job_settings(settings: Settings, job_run_id: str) -> Settings:
             "max_stdout_bytes": 64 * 1024,
             "max_stderr_bytes": 64 * 1024,
             "worker_concurrency": 10,
-            "path_cache_dir": settings.path_cache_dir,
+            "path_cache_dir": blob_dir,
         }
     )
 

@@ -12,11 +12,11 @@ import asyncpg
 import pytest
 from arq.connections import ArqRedis
 
-from scheduler.eviction import evict_images, eviction_lease_key, eviction_loop
+from scheduler.eviction import evict_images, eviction_loop
 from scheduler.eviction_plan import Candidate, plan_eviction
 from scheduler.metrics import counters
 from shared.cache import Cache
-from shared.constants import LABEL_IMAGE_KEY, build_lease_key, image_record_key
+from shared.constants import LABEL_IMAGE_KEY, build_lease_key, eviction_lease_key, image_record_key
 from shared.engine import Engine, ImageInfo, SandboxLimits
 from shared.errors import EngineError
 from shared.settings import Settings
@@ -273,7 +273,12 @@ async def test_eviction_loop_sweeps_its_engine(
     """A worker's eviction loop sweeps its own engine every eviction_interval_s."""
     stale = await tracked(make_image, cache, engine, used_hours_ago=24 * 8)
     fast = evict_settings.model_copy(update={"eviction_interval_s": 1})
-    task = asyncio.create_task(eviction_loop(engine, cache.pool, cache.redis, fast))
+    async def this_engine() -> Engine:
+        return engine
+
+    task = asyncio.create_task(
+        eviction_loop(this_engine, cache.pool, cache.redis, fast, container_max_age_s=3600.0)
+    )
     try:
         while await status(cache.pool, stale) != "evicted":  # noqa: ASYNC110 (polls Postgres)
             await asyncio.sleep(0.1)

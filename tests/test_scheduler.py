@@ -78,6 +78,7 @@ def test_crons_are_unique_bounded_and_not_at_startup(settings: Settings) -> None
     jobs = cron_jobs(settings)
     assert {j.name for j in jobs} == {
         "cron:evict",
+        "cron:evict_paths",
         "cron:reap",
         "cron:retain",
         "cron:refresh_lock_files",

@@ -8,6 +8,8 @@ engine into a typed context, and `on_shutdown` closes them.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import socket
 from typing import Any, TypedDict, cast
@@ -18,6 +20,7 @@ from arq import Worker, func
 from arq.connections import ArqRedis
 from arq.typing import WorkerCoroutine
 
+from scheduler.eviction import eviction_loop
 from shared.blobstore import DirectoryBlobStore
 from shared.cache import Cache
 from shared.client import JOB_FUNCTION
@@ -29,6 +32,9 @@ from worker.jobs import Deps, EngineLink, execute
 
 log = structlog.get_logger(__name__)
 
+# A berth container older than the longest job (plus this) is a dead worker's leftover.
+CONTAINER_SWEEP_MARGIN_S = 300.0
+
 
 class WorkerContext(TypedDict, total=False):
     """arq's ctx as berth fills it in on_startup."""
@@ -37,6 +43,7 @@ class WorkerContext(TypedDict, total=False):
     redis: ArqRedis
     pool: asyncpg.Pool
     deps: Deps
+    housekeeping: asyncio.Task[None]
     job_id: str
     job_try: int
     enqueue_time: Any
@@ -75,6 +82,16 @@ async def on_startup(arq_ctx: dict[str, Any]) -> None:
         # Keep serving: each job reports the engine's state until it is back.
         log.error("worker.engine_unreachable", error=str(e))
         engine_id = None
+    # Each host's engine is swept by its own workers, taking turns under a lease.
+    ctx["housekeeping"] = asyncio.create_task(
+        eviction_loop(
+            engines.get,
+            pool,
+            ctx["redis"],
+            settings,
+            container_max_age_s=job_timeout_s(settings) + CONTAINER_SWEEP_MARGIN_S,
+        )
+    )
     log.info(
         "worker.started",
         queue=settings.queue_name,
@@ -85,6 +102,10 @@ async def on_startup(arq_ctx: dict[str, Any]) -> None:
 
 async def on_shutdown(arq_ctx: dict[str, Any]) -> None:
     ctx = cast(WorkerContext, arq_ctx)
+    if "housekeeping" in ctx:
+        ctx["housekeeping"].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ctx["housekeeping"]
     if "deps" in ctx:
         await ctx["deps"].engines.close()
     if "pool" in ctx:
