@@ -273,6 +273,7 @@ async def test_eviction_loop_sweeps_its_engine(
     """A worker's eviction loop sweeps its own engine every eviction_interval_s."""
     stale = await tracked(make_image, cache, engine, used_hours_ago=24 * 8)
     fast = evict_settings.model_copy(update={"eviction_interval_s": 1})
+
     async def this_engine() -> Engine:
         return engine
 
