@@ -52,10 +52,13 @@ class ServiceUnavailable(BerthError):
 class BuildFailed(BerthError):
     """Installing a dependency set into an image failed."""
 
-    def __init__(self, image_key: str, reason: str, log_tail: str = "") -> None:
+    def __init__(
+        self, image_key: str, reason: str, log_tail: str = "", *, cached: bool = False
+    ) -> None:
         self.image_key = image_key
         self.reason = reason
         self.log_tail = log_tail
+        self.cached = cached  # a remembered failure (negative cache), not a build just run
         super().__init__(str(self))
 
     def __str__(self) -> str:

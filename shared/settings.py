@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     # --- worker ---
     worker_concurrency: int = Field(default=4, ge=1)
     job_max_tries: int = Field(default=3, ge=1)
+    # A running job's claim lapses this long after its worker dies; another takes it.
+    job_claim_ttl_s: float = Field(default=60.0, ge=1)
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     # --- scheduler: eviction, retention, reaping ---

@@ -51,7 +51,7 @@ async def wait_for_status(pool: asyncpg.Pool, job_id: str, wanted: str, limit_s:
 async def test_killed_worker_job_completes_on_another_worker_once(
     client: Client, run_workers: RunJobs, job_settings: Settings, pool: asyncpg.Pool
 ) -> None:
-    """SIGKILL of the worker mid-run: the job runs again elsewhere, one row, attempts 2."""
+    """SIGKILL of the worker mid-run: its claim lapses, the job runs again elsewhere, once."""
     settings = job_settings.model_copy(
         update={
             "max_timeout_s": 6.0,
@@ -82,7 +82,7 @@ async def test_killed_worker_job_completes_on_another_worker_once(
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
 
-    # arq hands the job to another worker once the dead one's in-progress marker lapses.
+    # The dead worker's claim (arq's in-progress marker) lapses within job_claim_ttl_s.
     worker = build_worker(settings, burst=True, poll_delay=0.2)
     try:
         await asyncio.wait_for(worker.main(), 120)

@@ -47,6 +47,7 @@ class Keys:
     lock: str
     image_key: str
     resolve_s: float
+    lock_cached: bool  # the lock came from the cache (no resolution ran)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,16 @@ class ImageResolver:
         else:
             lock = await self._resolve(req, dh, python)
         key = image_key(base_digest=base_digest, lock_text=lock, runtime=runtime)
-        return Keys(runtime, base_image, base_digest, dh, lock, key, time.perf_counter() - started)
+        return Keys(
+            runtime,
+            base_image,
+            base_digest,
+            dh,
+            lock,
+            key,
+            time.perf_counter() - started,
+            lock_cached=lookup.record is not None,
+        )
 
     async def _resolve(self, req: RequirementSet, dh: str, python: str) -> str:
         failed_key = failed_resolution_key(dh, python)
@@ -169,6 +179,7 @@ class ImageResolver:
                 record.image_key,
                 "the same dependency set failed to build recently (cached failure)",
                 record.error or "",
+                cached=True,
             )
         return ReadyImage(record.image_tag, record.image_key, cache_hit, tier, build_s, record)
 

@@ -14,14 +14,16 @@ from typing import Any
 
 import asyncpg
 import structlog
+from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
 from shared.blobstore import BlobStore
 from shared.cache import Cache
 from shared.constants import cancel_request_key
 from shared.engine import Engine
-from shared.errors import BerthError, ImageMissing, InvalidJob, ServiceUnavailable
+from shared.errors import BerthError, BuildFailed, ImageMissing, InvalidJob, ServiceUnavailable
 from shared.hashing import execution_key, script_hash
+from shared.metrics import CacheResult, Metrics
 from shared.models import OUTPUT_DIR, SCRIPT_NAME, JobSpec, Status
 from shared.pathcache import restore_caches, save_caches
 from shared.sandbox import SandboxLimits
@@ -76,6 +78,7 @@ class Deps:
     cache: Cache
     blobs: BlobStore
     worker_name: str
+    metrics: Metrics
 
 
 async def execute(
@@ -103,6 +106,7 @@ async def execute(
     timings: dict[str, float] = {"queue_wait_s": round(queue_wait_s, 4)}
     keys: Keys | None = None
     columns: dict[str, Any] = {}
+    claim = asyncio.create_task(_hold_claim(deps.redis, job_id, deps.settings.job_claim_ttl_s))
     try:
         spec = JobSpec.from_payload(payload, deps.settings)
         columns["script_hash"] = script_hash(spec.script)
@@ -110,6 +114,7 @@ async def execute(
         engine = await deps.engines.get()
         resolver = ImageResolver(deps.cache, engine, deps.redis, deps.settings)
         keys = await resolver.keys(spec.runtime, spec.requirements)
+        deps.metrics.record_cache_lookup("requirements", "hit" if keys.lock_cached else "miss")
         timings["keys_s"] = round(time.perf_counter() - t0, 4)
         columns |= {
             "deps_hash": keys.deps_hash,
@@ -127,18 +132,23 @@ async def execute(
     except BerthError as e:
         if isinstance(e, ServiceUnavailable) and e.service == "docker":
             await deps.engines.reset()
+        if isinstance(e, BuildFailed) and not e.cached:
+            deps.metrics.record_build("failed", time.perf_counter() - started)
         outcome = Outcome(Status.ERROR, error=str(e), details={"error_kind": type(e).__name__})
         if isinstance(e, InvalidJob):
             outcome.details["field"] = e.field
     except Exception as e:  # our side failed: record it, never lose the job silently
         log.exception("job.crash", job_id=job_id)
         outcome = Outcome(Status.ERROR, error=f"internal error: {type(e).__name__}: {e}")
+    finally:
+        claim.cancel()
 
     timings["total_s"] = round(time.perf_counter() - started, 4)
     outcome.timings = timings | outcome.timings
     await asyncio.shield(records.finish(deps.pool, job_id, outcome, **columns))
     if keys is not None and outcome.cache_hit is not None:
         await deps.cache.touch_image(keys.image_key)
+    _record_metrics(deps.metrics, outcome, timings)
     log.info(
         "job.done",
         job_id=job_id,
@@ -155,6 +165,30 @@ async def execute(
         "exit_code": outcome.exit_code,
         "cache_hit": outcome.cache_hit,
     }
+
+
+async def _hold_claim(redis: Redis, job_id: str, ttl_s: float) -> None:
+    """Keep arq's in-progress marker on a short, renewed TTL while the job runs.
+
+    arq sets it for the whole job timeout, so a worker killed without warning would
+    hold its job that long. Renewed here every third of ``ttl_s``, it lapses within
+    ``ttl_s`` of a worker's death, and another worker picks the job up.
+    """
+    key = in_progress_key_prefix + job_id
+    while True:
+        await redis.pexpire(key, int(ttl_s * 1000))
+        await asyncio.sleep(ttl_s / 3)
+
+
+def _record_metrics(metrics: Metrics, outcome: Outcome, timings: dict[str, float]) -> None:
+    metrics.record_job(
+        outcome.status, timings["total_s"], timings.get("queue_wait_s"), outcome.cache_hit
+    )
+    if outcome.details.get("image_source") == "built":
+        metrics.record_build("succeeded", timings.get("build_s", 0.0))
+    path_results: dict[str, CacheResult] = {"exact": "hit", "prefix": "prefix_hit"}
+    for restored in outcome.details.get("caches", []):
+        metrics.record_cache_lookup("path", path_results.get(restored["result"], "miss"))
 
 
 def _execution_key(spec: JobSpec, sh: str, keys: Keys) -> str:

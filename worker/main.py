@@ -27,6 +27,8 @@ from shared.client import JOB_FUNCTION
 from shared.connections import deserialize_job, redis_settings, serialize_job
 from shared.db import create_pool
 from shared.errors import ServiceUnavailable
+from shared.health import HEARTBEAT_INTERVAL_S, heartbeat_key
+from shared.metrics import Metrics, MetricsServer, start_metrics_server
 from shared.settings import Settings
 from worker.jobs import Deps, EngineLink, execute
 
@@ -44,6 +46,7 @@ class WorkerContext(TypedDict, total=False):
     pool: asyncpg.Pool
     deps: Deps
     housekeeping: asyncio.Task[None]
+    metrics_server: MetricsServer
     job_id: str
     job_try: int
     enqueue_time: Any
@@ -66,6 +69,9 @@ async def on_startup(arq_ctx: dict[str, Any]) -> None:
     settings = ctx["settings"]
     pool = await create_pool(settings)
     engines = EngineLink(settings)
+    metrics = Metrics("worker")
+    if settings.metrics_port is not None:
+        ctx["metrics_server"] = start_metrics_server(settings.metrics_port, metrics)
     ctx["pool"] = pool
     ctx["deps"] = Deps(
         settings=settings,
@@ -75,6 +81,7 @@ async def on_startup(arq_ctx: dict[str, Any]) -> None:
         cache=Cache(ctx["redis"], pool, settings),
         blobs=DirectoryBlobStore(settings.path_cache_dir),
         worker_name=f"{socket.gethostname()}:{os.getpid()}",
+        metrics=metrics,
     )
     try:
         engine_id: str | None = await (await engines.get()).engine_id()
@@ -90,6 +97,7 @@ async def on_startup(arq_ctx: dict[str, Any]) -> None:
             ctx["redis"],
             settings,
             container_max_age_s=job_timeout_s(settings) + CONTAINER_SWEEP_MARGIN_S,
+            metrics=metrics,
         )
     )
     log.info(
@@ -106,6 +114,8 @@ async def on_shutdown(arq_ctx: dict[str, Any]) -> None:
         ctx["housekeeping"].cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ctx["housekeeping"]
+    if "metrics_server" in ctx:
+        ctx["metrics_server"].stop()
     if "deps" in ctx:
         await ctx["deps"].engines.close()
     if "pool" in ctx:
@@ -147,6 +157,9 @@ def build_worker(settings: Settings, *, burst: bool = False, **overrides: Any) -
         "keep_result": settings.result_ttl_s,
         "max_tries": settings.job_max_tries,
         "allow_abort_jobs": True,
+        # One heartbeat key per process: the liveness probe checks this one's loop.
+        "health_check_key": heartbeat_key(settings.queue_name, socket.gethostname()),
+        "health_check_interval": HEARTBEAT_INTERVAL_S,
         "burst": burst,
         "handle_signals": not burst,
     }
