@@ -52,15 +52,7 @@ async def test_killed_worker_job_completes_on_another_worker_once(
     client: Client, run_workers: RunJobs, job_settings: Settings, pool: asyncpg.Pool
 ) -> None:
     """SIGKILL of the worker mid-run: its claim lapses, the job runs again elsewhere, once."""
-    settings = job_settings.model_copy(
-        update={
-            "max_timeout_s": 6.0,
-            "resolve_timeout_s": 1.0,
-            "build_wait_timeout_s": 1.0,
-            "build_timeout_s": 1.0,
-            "stuck_grace_s": 1.0,
-        }
-    )
+    settings = job_settings.model_copy(update={"job_claim_ttl_s": 3.0})
     # Build the (empty) dependency image first, so the killed attempt is mid-run.
     await client.submit(JobSpec(script="print(0)\n", runtime="python3.11"))
     await run_workers(1)
