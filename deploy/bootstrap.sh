@@ -89,8 +89,12 @@ fi
 stamp="$venv/.berth-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
   log "installing berth and its development dependencies"
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e "$root[dev]"
+  if ! { "$venv/bin/python" -m pip install -q --upgrade pip &&
+         "$venv/bin/python" -m pip install -q -e "$root[dev]"; } >"$state_dir/pip.log" 2>&1; then
+    cat "$state_dir/pip.log" >&2
+    log "installing berth failed (log above, also in $state_dir/pip.log)"
+    exit 1
+  fi
   touch "$stamp"
 fi
 

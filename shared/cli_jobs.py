@@ -21,6 +21,8 @@ from shared.settings import Settings
 
 PHASE_POLL_S = 0.2
 EXIT_JOB_ERROR = 3  # the job did not run to an exit code (build error, timeout, oom…)
+# Phases in the order a job goes through them (worker.jobs records them).
+TIMING_ORDER = ("queue_wait_s", "keys_s", "build_s", "image_s", "run_s", "sandbox_s", "total_s")
 
 
 @contextlib.asynccontextmanager
@@ -146,7 +148,10 @@ def show_result(result: JobResult, *, as_json: bool = False) -> int:
             sys.stderr.flush()
         hit = {True: "hit", False: "miss", None: "-"}[result.cache_hit]
         timings = result.timings or {}
-        shown = ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in timings.items())
+        ordered = sorted(
+            timings, key=lambda k: TIMING_ORDER.index(k) if k in TIMING_ORDER else len(TIMING_ORDER)
+        )
+        shown = ", ".join(f"{k.removesuffix('_s')} {timings[k]:.2f}s" for k in ordered)
         lines = [f"status {result.status}   exit code {result.exit_code}   image cache {hit}"]
         if shown:
             lines.append(f"timings: {shown}")
