@@ -12,11 +12,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from shared.client import Client, JobResult
 from shared.connections import connect_redis
 from shared.db import create_pool
 from shared.errors import InvalidJob
 from shared.models import JobSpec, Status, parse_size
+from shared.pathcache import CacheSpec
 from shared.settings import Settings
 
 PHASE_POLL_S = 0.2
@@ -60,6 +63,14 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         if not sep:
             raise InvalidJob(f"--env {item}", "use NAME=VALUE")
         env[name] = value
+    caches = []
+    for item in args.cache:
+        try:
+            caches.append(CacheSpec.model_validate_json(item))
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "value"
+            raise InvalidJob(f"--cache {item}", f"{where}: {first['msg']}") from e
     memory = None
     if args.memory is not None:
         try:
@@ -81,6 +92,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         reuse_result=args.reuse_result,
         idempotency_key=args.key,
         scope=args.scope,
+        caches=caches,
+        save_caches_on_failure=args.save_caches_on_failure,
     )
 
 
@@ -230,6 +243,19 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--key", help="idempotency key: the same key twice is one job")
     p.add_argument("--scope", default="default", help="path-cache scope (tenant)")
+    p.add_argument(
+        "--cache",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help='a path cache, e.g. \'{"key": "pip-v1", "paths": [".cache/pip"], '
+        '"restore_keys": ["pip-"]}\' (repeatable)',
+    )
+    p.add_argument(
+        "--save-caches-on-failure",
+        action="store_true",
+        help="save path caches even when the script fails",
+    )
     p.add_argument("--wait", action="store_true", help="wait and show the result")
     p.add_argument("--wait-timeout", type=float, default=3600.0, help="seconds to wait")
     p.add_argument("--json", action="store_true", help="with --wait: the result as JSON")

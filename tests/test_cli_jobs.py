@@ -109,6 +109,10 @@ async def test_cancel_a_queued_job_from_the_cli(job_settings: Settings, client: 
             "berth: files['../x']: '..', '.' and empty path parts are not allowed",
         ),
         (["submit", "SCRIPT", "-r", "REQS"], "berth: requirements line 1 ('-e ./local'): "),
+        (
+            ["submit", "SCRIPT", "--cache", '{"key": "a,b", "paths": ["x"]}'],
+            'berth: --cache {"key": "a,b", "paths": ["x"]}: key: ',
+        ),
     ],
 )
 async def test_bad_input_is_one_line_without_traceback(
