@@ -8,7 +8,6 @@ the ready records, each of which names the engine that holds its image.
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 
 import asyncpg
@@ -16,25 +15,16 @@ import structlog
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from shared.cache import hit_rate
-from shared.constants import METRICS_SNAPSHOT_KEY, STATS_KEY, stats_hour_key
+from shared.cache import hit_rate, stats_keys
+from shared.constants import METRICS_SNAPSHOT_KEY
+from shared.models import Status
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 COUNTERS = ("builds", "build_seconds_ms", "evictions", "evicted_bytes")
 RECENT_HOURS = 24
-ALL_STATUSES = (
-    "queued",
-    "building",
-    "running",
-    "succeeded",
-    "failed",
-    "timeout",
-    "oom",
-    "error",
-    "cancelled",
-)
+ALL_STATUSES = tuple(status.value for status in Status)
 
 
 class Rate(BaseModel):
@@ -125,14 +115,7 @@ async def snapshot_metrics(pool: asyncpg.Pool, redis: Redis, settings: Settings)
 
 async def counters(redis: Redis, last_hours: int | None) -> Counters:
     """Builds and evictions, overall (``None``) or over the last N hourly buckets."""
-    if last_hours is None:
-        keys = [STATS_KEY]
-    else:
-        now = time.time()
-        keys = [
-            stats_hour_key(time.strftime("%Y%m%d%H", time.gmtime(now - 3600 * h)))
-            for h in range(last_hours)
-        ]
+    keys = stats_keys(last_hours)
     sums = dict.fromkeys(COUNTERS, 0)
     async with redis.pipeline(transaction=False) as pipe:
         for key in keys:

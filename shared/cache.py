@@ -265,6 +265,17 @@ async def count(redis: Redis, field: str, amount: int = 1) -> None:
         await pipe.execute()
 
 
+def stats_keys(last_hours: int | None) -> list[str]:
+    """The counter hashes to sum: the overall one, or the last N hourly buckets."""
+    if last_hours is None:
+        return [STATS_KEY]
+    now = time.time()
+    return [
+        stats_hour_key(time.strftime("%Y%m%d%H", time.gmtime(now - 3600 * h)))
+        for h in range(last_hours)
+    ]
+
+
 @dataclass(frozen=True)
 class HitRate:
     hits: int
@@ -278,14 +289,7 @@ class HitRate:
 
 async def hit_rate(redis: Redis, kind: str = "image", *, last_hours: int | None = None) -> HitRate:
     """The fleet's hit rate, overall or over the last N hourly buckets."""
-    if last_hours is None:
-        keys = [STATS_KEY]
-    else:
-        now = time.time()
-        keys = [
-            stats_hour_key(time.strftime("%Y%m%d%H", time.gmtime(now - 3600 * h)))
-            for h in range(last_hours)
-        ]
+    keys = stats_keys(last_hours)
     hits = misses = 0
     async with redis.pipeline(transaction=False) as pipe:
         for key in keys:

@@ -10,6 +10,15 @@ the script deletes before the commit.
 Build-only settings are never the build container's environment: a commit merges
 the container's Env and Labels into the image, where every job would see them
 (an index URL may carry credentials).
+
+Near builds: given a ``parent`` (a berth image of the same base and recipe whose
+packages the lock mostly shares), the container starts from the parent instead
+and ``SYNC_SCRIPT`` makes its venv exactly the lock: ``uv pip compile`` resolves
+the lock on its own (the parent's packages are no preference), ``uv pip sync``
+installs what is missing, changes what differs and removes what the lock lacks.
+Only the difference is installed and committed. The image key does not change
+(it never names the parent); the label ``berth.parent_image_key`` says which
+parent was used. A near build that fails falls back to a build from scratch.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import secrets
 import tarfile
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -30,7 +39,7 @@ import uv
 
 from shared import constants
 from shared.docker_api import CALL_TIMEOUT_S, DockerApi, EngineNotFound, JsonObject, run_attached
-from shared.errors import BuildFailed, EngineError
+from shared.errors import BuildFailed, EngineError, ImageMissing
 from shared.sandbox import ROLE_JOB, RunResult, Sandbox, SandboxLimits, parse_user
 from shared.settings import Settings
 from shared.tarstream import files_tar
@@ -52,6 +61,10 @@ COMMIT_TIMEOUT_S: Final = 300.0
 TOOLS_TIMEOUT_S: Final = 120.0
 LOG_TAIL_LINES: Final = 30
 LOG_TAIL_BYTES: Final = 64 * 1024
+# How long a base image's digest is trusted without asking the engine again: one
+# inspect per job otherwise. A base rebuilt under the same tag is seen this late.
+BASE_DIGEST_TTL_S: Final = 10.0
+LABEL_PARENT_KEY: Final = "berth.parent_image_key"  # on a near-built image: its parent
 
 ROLE_BUILD: Final = "build"
 ROLE_TOOLS: Final = "tools"
@@ -77,7 +90,7 @@ IMAGE_ENV: Final = (
 TOOLS_MISSING_EXIT: Final = 97  # the build script's exit code when the tools volume is empty
 
 # Fixed text: values come from files, read into variables (never parsed as code).
-BUILD_SCRIPT: Final = f"""\
+_PREAMBLE: Final = f"""\
 export UV_CACHE_DIR={UV_CACHE_MOUNT} UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never \\
   UV_NO_CONFIG=1 UV_COMPILE_BYTECODE=1 NO_COLOR=1
 b=/{BUILD_DIR}
@@ -89,12 +102,24 @@ if [ -s "$b/index-url" ]; then UV_INDEX_URL=$(cat "$b/index-url"); export UV_IND
 if [ -s "$b/extra-index-urls" ]; then
   UV_EXTRA_INDEX_URL=$(cat "$b/extra-index-urls"); export UV_EXTRA_INDEX_URL
 fi
-python3 -m venv --without-pip {VENV}
-{TOOLS_MOUNT}/uv pip install --python {VENV}/bin/python -r "$b/requirements.lock"
+"""
+_FINISH: Final = """\
 mkdir -p /work
 chown "$(cat "$b/job-user")" /work
 rm -rf "$b"
 """
+BUILD_SCRIPT: Final = f"""{_PREAMBLE}\
+python3 -m venv --without-pip {VENV}
+{TOOLS_MOUNT}/uv pip install --python {VENV}/bin/python -r "$b/requirements.lock"
+{_FINISH}"""
+# A near build, in a container of the parent image: the lock resolved on its own
+# (what `uv pip install` resolves into an empty venv, the parent's packages no
+# preference), then synced: the venv ends up exactly the lock's, whatever the parent had.
+SYNC_SCRIPT: Final = f"""{_PREAMBLE}\
+{TOOLS_MOUNT}/uv pip compile --python {VENV}/bin/python --no-header --no-annotate --quiet \\
+  "$b/requirements.lock" > "$b/resolved.txt"
+{TOOLS_MOUNT}/uv pip sync --python {VENV}/bin/python "$b/resolved.txt"
+{_FINISH}"""
 
 # Moves a freshly copied uv into place in one rename: a reader never sees half a binary.
 TOOLS_SCRIPT: Final = f'mv -f "$1" {TOOLS_MOUNT}/uv'
@@ -125,6 +150,8 @@ class BuiltImage:
     size_bytes: int
     build_seconds: float
     log_tail: str
+    parent_key: str | None = None  # the image key a near build started from
+    phases: Mapping[str, float] = field(default_factory=dict)  # seconds per build step
 
 
 class _Tail:
@@ -153,6 +180,7 @@ class Engine:
         self._tools_volume: str | None = None
         self._tools_lock = asyncio.Lock()
         self._cache_volume_ready = False
+        self._base_digests: dict[str, tuple[str, float]] = {}  # ref -> (digest, expires)
 
     @classmethod
     async def connect(cls, settings: Settings) -> Engine:
@@ -186,7 +214,19 @@ class Engine:
         )
 
     async def base_image_digest(self, ref: str) -> str:
-        """The Id (sha256:…) of a base image, pulled once when it is missing."""
+        """The Id (sha256:…) of a base image, pulled once when it is missing.
+
+        Remembered for ``BASE_DIGEST_TTL_S``: every job asks, and the answer changes
+        only when an operator rebuilds a base image.
+        """
+        known = self._base_digests.get(ref)
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
+        digest = await self._base_image_digest(ref)
+        self._base_digests[ref] = (digest, time.monotonic() + BASE_DIGEST_TTL_S)
+        return digest
+
+    async def _base_image_digest(self, ref: str) -> str:
         info = await self.image_info(ref)
         if info is None:
             reason = await self._api.pull(ref, PULL_TIMEOUT_S)
@@ -201,6 +241,7 @@ class Engine:
 
     async def remove_image(self, ref: str, *, force: bool = False) -> bool:
         """True when removed, False when it was not there; EngineError when in use."""
+        self._base_digests.pop(ref, None)
         try:
             await self._api.send(
                 "image remove", f"images/{ref}", method="DELETE", params={"force": force}
@@ -374,31 +415,75 @@ class Engine:
     # ------------------------------------------------------------------- build
 
     async def build_image(
-        self, *, image_key: str, base_image: str, lock_text: str, labels: Mapping[str, str]
+        self,
+        *,
+        image_key: str,
+        base_image: str,
+        lock_text: str,
+        labels: Mapping[str, str],
+        parent: ImageInfo | None = None,
     ) -> BuiltImage:
         """Install ``lock_text`` into a venv on ``base_image``; tag ``berth/deps:<key>``.
 
+        With ``parent`` (a berth image on this engine built from the same base image and
+        recipe), a near build: the parent's venv synced to exactly the lock. If it fails
+        for any reason, and for a lock with option lines (whose index settings the sync
+        would not see), the image is built from scratch.
         BuildFailed when the installer fails or times out (with uv's last lines).
         """
         started = time.monotonic()
         build_tar = files_tar(await self._build_files(lock_text), uid=0, gid=0)
+        if parent is not None and not _has_option_lines(lock_text):
+            parent_key = parent.labels.get(constants.LABEL_IMAGE_KEY, parent.id)
+            try:
+                return await self._build(
+                    image_key,
+                    parent.id,
+                    SYNC_SCRIPT,
+                    build_tar,
+                    {**labels, LABEL_PARENT_KEY: parent_key},
+                    started,
+                    parent_key=parent_key,
+                )
+            except (BuildFailed, ImageMissing) as e:
+                log.warning(
+                    "near build failed; building from scratch",
+                    image_key=image_key,
+                    parent_image_key=parent_key,
+                    reason=str(e),
+                )
+        return await self._build(image_key, base_image, BUILD_SCRIPT, build_tar, labels, started)
+
+    async def _build(
+        self,
+        image_key: str,
+        from_image: str,
+        script: str,
+        build_tar: bytes,
+        labels: Mapping[str, str],
+        started: float,
+        *,
+        parent_key: str | None = None,
+    ) -> BuiltImage:
         tail = _Tail()
+        phases: dict[str, float] = {}
         image_id: str | None = None
         for _attempt in range(2):
-            tools = await self.ensure_tools(image=base_image)
+            tools = await self.ensure_tools(image=from_image)
             if not self._cache_volume_ready:
                 await self._create_volume(self.settings.uv_cache_volume, ROLE_UV_CACHE)
                 self._cache_volume_ready = True
             tail = _Tail()
             try:
                 image_id = await self._build_in_container(
-                    image_key, base_image, tools, build_tar, labels, tail
+                    image_key, from_image, script, tools, build_tar, labels, tail, phases
                 )
             except BuildFailed as e:
                 log.warning(
                     "image build failed",
                     image_key=image_key,
-                    base_image=base_image,
+                    from_image=from_image,
+                    parent_image_key=parent_key,
                     reason=e.reason,
                     build_s=round(time.monotonic() - started, 3),
                 )
@@ -416,31 +501,41 @@ class Engine:
             size_bytes=info.size_bytes if info else 0,
             build_seconds=time.monotonic() - started,
             log_tail=tail.text(),
+            parent_key=parent_key,
+            phases={phase: round(seconds, 4) for phase, seconds in phases.items()},
         )
         log.info(
             "image built",
             image_key=image_key,
-            base_image=base_image,
+            from_image=from_image,
+            parent_image_key=parent_key,
             image_id=image_id,
             size_bytes=built.size_bytes,
             build_s=round(built.build_seconds, 3),
+            **built.phases,
         )
         return built
 
     async def _build_in_container(
         self,
         image_key: str,
-        base_image: str,
+        from_image: str,
+        script: str,
         tools: str,
         build_tar: bytes,
         labels: Mapping[str, str],
         tail: _Tail,
+        phases: dict[str, float],
     ) -> str | None:
-        """Run the build script and commit; None when the tools volume had no uv."""
+        """Run the build script and commit; None when the tools volume had no uv.
+
+        The container is removed in the background: deleting hundreds of MB of its
+        layer takes a good part of a second that nobody has to wait for.
+        """
         settings = self.settings
         config: JsonObject = {
-            "Image": base_image,
-            "Cmd": ["/bin/sh", "-ec", BUILD_SCRIPT],
+            "Image": from_image,
+            "Cmd": ["/bin/sh", "-ec", script],
             "User": "0:0",
             "WorkingDir": "/",
             "Env": list(IMAGE_ENV),
@@ -471,12 +566,23 @@ class Engine:
             },
         }
         name = f"berth-build-{secrets.token_hex(8)}"
+        clock = time.monotonic()
+
+        def lap(phase: str) -> None:
+            nonlocal clock
+            now = time.monotonic()
+            phases[phase] = phases.get(phase, 0.0) + now - clock
+            clock = now
+
         container_id = await self._api.create_container(name, config)
         try:
+            lap("create_s")
             await self._api.put_archive(container_id, "/", build_tar, CALL_TIMEOUT_S)
+            lap("put_s")
             done = await run_attached(
                 self._api, container_id, timeout_s=settings.build_timeout_s, on_output=tail.add
             )
+            lap("install_s")
             if done.timed_out:
                 reason = f"timed out after {settings.build_timeout_s:g} s"
                 raise BuildFailed(image_key, reason, tail.text())
@@ -485,9 +591,11 @@ class Engine:
             if done.exit_code != 0:
                 reason = f"the installer exited with code {done.exit_code}"
                 raise BuildFailed(image_key, reason, tail.text())
-            return await self._commit(container_id, image_key, labels)
+            image_id = await self._commit(container_id, image_key, labels)
+            lap("commit_s")
+            return image_id
         finally:
-            await self._api.remove_container_shielded(container_id)
+            self._api.remove_container_soon(container_id)
 
     async def _build_files(self, lock_text: str) -> list[tuple[str, bytes, int]]:
         settings = self.settings
@@ -530,6 +638,11 @@ class Engine:
             timeout_s=COMMIT_TIMEOUT_S,
         )
         return str(data["Id"])
+
+
+def _has_option_lines(lock_text: str) -> bool:
+    """Whether a lock carries option lines (``--index-url`` …) besides its pins."""
+    return any(line.lstrip().startswith("-") for line in lock_text.splitlines())
 
 
 async def _file_tar_stream(path: Path, name: str) -> AsyncIterator[bytes]:

@@ -41,21 +41,15 @@ from prometheus_client import (
 )
 from redis.asyncio import Redis
 
+from shared.models import Status
+
 Role = Literal["worker", "scheduler"]
-FinalStatus = Literal["succeeded", "failed", "timeout", "oom", "error", "cancelled"]
 CacheKind = Literal["image", "requirements", "path"]
 CacheResult = Literal["hit", "miss", "prefix_hit"]
 BuildResult = Literal["succeeded", "failed"]
 EvictionKind = Literal["image", "path_cache"]
 
-FINAL_STATUSES: tuple[FinalStatus, ...] = (
-    "succeeded",
-    "failed",
-    "timeout",
-    "oom",
-    "error",
-    "cancelled",
-)
+FINAL_STATUSES: tuple[str, ...] = tuple(status.value for status in Status if status.final)
 CACHE_KINDS: tuple[CacheKind, ...] = ("image", "requirements", "path")
 CACHE_RESULTS: tuple[CacheResult, ...] = ("hit", "miss", "prefix_hit")
 BUILD_RESULTS: tuple[BuildResult, ...] = ("succeeded", "failed")
@@ -167,7 +161,7 @@ class Metrics:
 
     def record_job(
         self,
-        status: FinalStatus | str,
+        status: Status | str,
         duration_s: float,
         queue_wait_s: float | None = None,
         cache_hit: bool | None = None,
