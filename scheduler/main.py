@@ -44,7 +44,7 @@ from shared.db import create_pool
 from shared.engine import Engine
 from shared.health import HEARTBEAT_INTERVAL_S, heartbeat_key
 from shared.metrics import Metrics, MetricsServer, start_metrics_server
-from shared.pathcache import evict_path_caches
+from shared.pathcache_admin import evict_path_caches
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)

@@ -18,7 +18,7 @@ from shared.blobstore import blob_store
 from shared.connections import connect_redis
 from shared.db import create_pool
 from shared.humanize import format_age, format_bytes, format_ratio, shorten, table
-from shared.pathcache import delete_entries, read_counters
+from shared.pathcache_admin import delete_entries, read_counters
 from shared.settings import Settings
 
 EXIT_NOTHING = 1

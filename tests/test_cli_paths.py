@@ -11,7 +11,7 @@ from arq.connections import ArqRedis
 
 from shared.blobstore import DirectoryBlobStore
 from shared.cli import build_parser, run
-from shared.pathcache import record
+from shared.pathcache_admin import record
 from shared.settings import Settings
 from tests.test_pathcache import put_entry
 

@@ -28,13 +28,11 @@ from shared.pathcache import (
     CacheSpec,
     SaveOutcome,
     cache_version,
-    evict_path_caches,
     find_entry,
-    read_counters,
-    record,
     restore_caches,
     save_caches,
 )
+from shared.pathcache_admin import evict_path_caches, read_counters, record
 from shared.settings import Settings
 from tests.docker_fixtures import BASE_IMAGE
 
