@@ -17,6 +17,7 @@ from shared.errors import InvalidJob, InvalidRequirement, QueueFull
 from shared.models import JobSpec, Status
 from shared.settings import Settings
 from tests.jobs_fixtures import Builds, RunJobs, Submit
+from tests.memory import peak_rss_growth_kib, reset_peak_rss
 
 pytestmark = pytest.mark.docker
 
@@ -296,13 +297,16 @@ async def test_fork_bomb_is_contained_by_the_pids_limit(run_one: Submit) -> None
 
 
 async def test_output_flood_is_truncated(run_one: Submit, job_settings: Settings) -> None:
-    """200 MB on stdout keeps the first max_stdout_bytes and sets the truncation flag."""
+    """200 MB on stdout keeps the first max_stdout_bytes, flags it, worker memory flat."""
     script = (
         "import sys\nblock = b'x' * 65536\nfor _ in range(3200):\n"
         "    sys.stdout.buffer.write(block)\n"
     )
+    baseline_kib = reset_peak_rss()
     result = await run_one(script)
+    growth_kib = peak_rss_growth_kib(baseline_kib)
     assert result.status is Status.SUCCEEDED, result.error
+    assert growth_kib < 64 * 1024  # the worker streamed 200 MB and stayed flat
     assert result.stdout_truncated is True
     assert len(result.stdout) == job_settings.max_stdout_bytes
 

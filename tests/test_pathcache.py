@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import re
 import secrets
 import tarfile
 import time
@@ -35,6 +34,7 @@ from shared.pathcache import (
 from shared.pathcache_admin import evict_path_caches, read_counters, record
 from shared.settings import Settings
 from tests.docker_fixtures import BASE_IMAGE
+from tests.memory import peak_rss_growth_kib, reset_peak_rss
 
 # --- helpers -------------------------------------------------------------------
 
@@ -627,18 +627,6 @@ async def test_missing_paths_are_left_out(jobs: Jobs, pool: asyncpg.Pool) -> Non
         spec("k", paths=("a", "missing/b")),
     )
     assert (restored[0].result, result.stdout) == ("exact", b"f False\n")
-
-
-def peak_rss_growth_kib(baseline_kib: int) -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) - baseline_kib  # type: ignore[union-attr]
-
-
-def reset_peak_rss() -> int:
-    """Reset the process's peak RSS to its current RSS (Linux); returns that, in KiB."""
-    Path("/proc/self/clear_refs").write_text("5")
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
 
 
 BIG_MIB = 300
