@@ -85,8 +85,10 @@ MakeImage = Callable[[str], Awaitable[ImageInfo]]
 
 @pytest.fixture(name="evict_settings")
 def evict_settings_fixture(settings: Settings, job_run_id: str) -> Settings:
-    """Settings whose sweeps see only this run's images (the engine is shared)."""
-    return settings.model_copy(update={"extra_labels": {TEST_RUN_LABEL: job_run_id}})
+    """Settings whose sweeps see only this test's images (the engine is shared, and
+    other tests of the run keep theirs until the session ends)."""
+    labels = {TEST_RUN_LABEL: job_run_id, "berth.test_case": secrets.token_hex(4)}
+    return settings.model_copy(update={"extra_labels": labels})
 
 
 @pytest.fixture(name="engine")
