@@ -21,7 +21,7 @@ from scheduler.metrics import Counters, Rate, counters
 from shared.cache import Cache, count, hit_rate
 from shared.constants import LABEL_IMAGE_KEY, build_lease_key, image_record_key
 from shared.engine import Engine
-from shared.errors import BerthError
+from shared.errors import AmbiguousPrefix, EntryNotFound, ImageBusy
 from shared.settings import Settings
 
 SortKey = Literal["last-used", "size", "uses"]
@@ -31,42 +31,6 @@ SORT_SQL: dict[str, str] = {
     "uses": "i.use_count desc",
 }
 MIN_PREFIX = 4
-
-
-class EntryNotFound(BerthError):
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return f"no cache entry has a key starting with {self.prefix!r} (see `berth cache ls`)"
-
-
-class AmbiguousPrefix(BerthError):
-    def __init__(self, prefix: str, matches: list[str]) -> None:
-        self.prefix = prefix
-        self.matches = matches
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        shown = ", ".join(m[:16] for m in self.matches[:5])
-        more = "…" if len(self.matches) > 5 else ""
-        return (
-            f"{self.prefix!r} matches {len(self.matches)} entries ({shown}{more});"
-            " give more characters of the key"
-        )
-
-
-class ImageBusy(BerthError):
-    """The entry's image is used by a container or being built: not removed."""
-
-    def __init__(self, image_key: str, reason: str) -> None:
-        self.image_key = image_key
-        self.reason = reason
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return f"cache entry {self.image_key[:12]} was not removed: {self.reason}"
 
 
 @dataclass(frozen=True)

@@ -20,22 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
-from shared.errors import BerthError
+from shared.errors import BlobNotFound
 from shared.settings import Settings
 
 CHUNK_BYTES = 1024 * 1024
 PARTIAL_SUFFIX = ".part"
 _PART = r"[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9_-]+)*"  # no empty, "." or ".." parts
 BLOB_NAME = re.compile(rf"^{_PART}(?:/{_PART})*$")
-
-
-class BlobNotFound(BerthError):
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return f"no blob named {self.name!r} in the store"
 
 
 @dataclass(frozen=True)

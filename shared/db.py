@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 import structlog
 
-from shared.errors import BerthError, ServiceUnavailable
+from shared.errors import MigrationError, ServiceUnavailable
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -38,16 +38,6 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
-
-
-class MigrationError(BerthError):
-    def __init__(self, name: str, reason: str) -> None:
-        self.name = name
-        self.reason = reason
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return f"migration {self.name}: {self.reason}"
 
 
 def redact_dsn(dsn: str) -> str:

@@ -119,3 +119,58 @@ class ImageMissing(EngineError):
     def __init__(self, image: str) -> None:
         self.image = image
         super().__init__("image lookup", f"image {image} is not on this engine")
+
+
+class EntryNotFound(BerthError):
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"no cache entry has a key starting with {self.prefix!r} (see `berth cache ls`)"
+
+
+class AmbiguousPrefix(BerthError):
+    def __init__(self, prefix: str, matches: list[str]) -> None:
+        self.prefix = prefix
+        self.matches = matches
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        shown = ", ".join(m[:16] for m in self.matches[:5])
+        more = "…" if len(self.matches) > 5 else ""
+        return (
+            f"{self.prefix!r} matches {len(self.matches)} entries ({shown}{more});"
+            " give more characters of the key"
+        )
+
+
+class ImageBusy(BerthError):
+    """The entry's image is used by a container or being built: not removed."""
+
+    def __init__(self, image_key: str, reason: str) -> None:
+        self.image_key = image_key
+        self.reason = reason
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"cache entry {self.image_key[:12]} was not removed: {self.reason}"
+
+
+class BlobNotFound(BerthError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"no blob named {self.name!r} in the store"
+
+
+class MigrationError(BerthError):
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"migration {self.name}: {self.reason}"

@@ -34,7 +34,8 @@ from pydantic_core import PydanticCustomError
 from redis.asyncio import Redis
 
 from shared.archive import ArchiveRejected, TarGuard, compress, decompress
-from shared.blobstore import BlobNotFound, BlobStore, DirectoryBlobStore
+from shared.blobstore import BlobStore, DirectoryBlobStore
+from shared.errors import BlobNotFound
 from shared.pathcache_admin import (
     TARGET_RATIO,
     _record_quietly,

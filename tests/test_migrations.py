@@ -11,8 +11,8 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from shared.db import MigrationError, create_pool, load_migrations, migrate
-from shared.errors import ServiceUnavailable
+from shared.db import create_pool, load_migrations, migrate
+from shared.errors import MigrationError, ServiceUnavailable
 from shared.settings import Settings
 from tests.conftest import ADMIN_DSN, _dsn_for
 

@@ -20,8 +20,9 @@ from pydantic import BaseModel, ValidationError
 from structlog.testing import capture_logs
 
 from shared.archive import TarGuard, compress
-from shared.blobstore import BlobNotFound, DirectoryBlobStore
+from shared.blobstore import DirectoryBlobStore
 from shared.engine import Engine, RunResult, Sandbox, SandboxLimits
+from shared.errors import BlobNotFound
 from shared.pathcache import (
     CacheOutcome,
     CacheSpec,
