@@ -11,8 +11,8 @@ cd "$root"
 bash deploy/bootstrap.sh
 venv="${BERTH_VENV:-$root/.venv}"
 echo "[test] ruff" >&2
-"$venv/bin/ruff" check shared worker scheduler tests
-"$venv/bin/ruff" format --check shared worker scheduler tests
+"$venv/bin/ruff" check shared worker scheduler tests bench
+"$venv/bin/ruff" format --check shared worker scheduler tests bench
 echo "[test] mypy" >&2
 "$venv/bin/mypy"
 echo "[test] pytest" >&2

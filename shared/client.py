@@ -9,6 +9,7 @@ yet; `cancel()` aborts a queued or running job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,16 +20,18 @@ import asyncpg
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import Job, JobStatus, SerializationError
-from redis.exceptions import WatchError
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError, WatchError
 
-from shared.constants import CANCEL_REQUEST_TTL_S, cancel_request_key
+from shared.constants import CANCEL_REQUEST_TTL_S, cancel_request_key, job_finished_channel
 from shared.errors import JobNotFound, QueueFull
 from shared.models import JobSpec, Status
 from shared.requirements import parse_requirements
 from shared.settings import Settings
 
 JOB_FUNCTION = "run_job"
-RESULT_POLL_S = (0.05, 0.1, 0.2, 0.5)  # growing poll delays while waiting for a result
+# Growing delays between looks while waiting for a result (a finish notice cuts one short).
+RESULT_POLL_S = (0.05, 0.1, 0.2, 0.5)
 ABORT_WAIT_S = 30.0  # how long cancel() waits for the worker to confirm
 
 
@@ -120,22 +123,29 @@ class Client:
         raise JobNotFound(job_id)
 
     async def result(self, job_id: str, timeout_s: float | None = None) -> JobResult:
-        """The job's result; with a timeout, wait up to that long for it to be final."""
+        """The job's result; with a timeout, wait up to that long for it to be final.
+
+        While waiting it listens for the worker's notice that the job finished (one
+        Redis connection per waiting call) and looks at the row when it comes, so
+        a result is seen about when it is written; the polls in between are only
+        the safety net for a notice that never comes.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         attempt = 0
-        while True:
-            row = await self._row(job_id)
-            if row is not None and row.status.final:
-                return row
-            if row is None:
-                status = await self.status(job_id)  # raises JobNotFound
-                if status.final:
-                    return await self._arq_only_result(job_id, status)
-            if deadline is None or time.monotonic() >= deadline:
-                return row if row is not None else JobResult(job_id, await self.status(job_id))
-            delay = RESULT_POLL_S[min(attempt, len(RESULT_POLL_S) - 1)]
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            attempt += 1
+        async with _FinishNotices(self.redis, job_id, listen=bool(timeout_s)) as notices:
+            while True:
+                row = await self._row(job_id)
+                if row is not None and row.status.final:
+                    return row
+                if row is None:
+                    status = await self.status(job_id)  # raises JobNotFound
+                    if status.final:
+                        return await self._arq_only_result(job_id, status)
+                if deadline is None or time.monotonic() >= deadline:
+                    return row if row is not None else JobResult(job_id, await self.status(job_id))
+                delay = RESULT_POLL_S[min(attempt, len(RESULT_POLL_S) - 1)]
+                await notices.wait(min(delay, max(0.0, deadline - time.monotonic())))
+                attempt += 1
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job; False if it had already finished."""
@@ -230,6 +240,46 @@ class Client:
             queued_at=row["queued_at"],
             finished_at=row["finished_at"],
         )
+
+
+class _FinishNotices:
+    """The worker's "job finished" notices for one job, while a result() waits for it.
+
+    Subscribed before the first look at the row, so a job finishing in between is
+    not missed. Without Redis pub/sub (an error), waiting is plain sleeping.
+    """
+
+    def __init__(self, redis: ArqRedis, job_id: str, *, listen: bool) -> None:
+        self._channel = job_finished_channel(job_id)
+        self._pubsub: PubSub | None = redis.pubsub() if listen else None
+
+    async def __aenter__(self) -> _FinishNotices:
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.subscribe(self._channel)
+            except RedisError:
+                await self._close()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self._close()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until a notice arrives or ``timeout_s`` passes (at least one event loop turn)."""
+        if self._pubsub is None:
+            await asyncio.sleep(timeout_s)
+            return
+        try:
+            await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout_s)
+        except RedisError:
+            await self._close()
+            await asyncio.sleep(timeout_s)
+
+    async def _close(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(RedisError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 def _payload_runtime(args: Any) -> str:

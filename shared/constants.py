@@ -46,6 +46,11 @@ def eviction_lease_key(engine_id: str) -> str:
     return f"{REDIS_PREFIX}lease:evict:{engine_id}"
 
 
+def job_finished_channel(job_id: str) -> str:
+    """Pub/sub channel a worker publishes to once a job's row is final (Client.result waits)."""
+    return f"{REDIS_PREFIX}finished:{job_id}"
+
+
 def cancel_request_key(job_id: str) -> str:
     """Set by `cancel()` before it asks arq to abort, so the job knows why it stops."""
     return f"{REDIS_PREFIX}cancel:{job_id}"

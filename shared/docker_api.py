@@ -31,6 +31,7 @@ CALL_TIMEOUT_S: Final = 30.0  # one short API call
 STREAM_IDLE_TIMEOUT_S: Final = 60.0  # a stream that sends nothing for this long is stuck
 KILL_GRACE_S: Final = 15.0  # after a kill, how long the engine gets to report the exit
 REMOVE_TIMEOUT_S: Final = 60.0
+STDIN_CHUNK_BYTES: Final = 1024 * 1024  # also the largest body sent as one bytes object
 
 JsonObject = dict[str, Any]
 
@@ -120,6 +121,8 @@ class DockerApi:
         timeout_s: float = CALL_TIMEOUT_S,
     ) -> int:
         """A request whose answer body does not matter; returns the HTTP status."""
+        if isinstance(data, bytes) and len(data) > STDIN_CHUNK_BYTES:
+            data = _chunks(data)  # aiohttp warns about (and blocks on) big bytes bodies
         async with (
             self.call(operation, timeout_s),
             self.docker._query(
@@ -158,12 +161,16 @@ class DockerApi:
             else:
                 response.close()
 
-    async def attach(self, container_id: str) -> _AttachStream:
-        """Attach to stdout and stderr (frames kept apart, bytes untouched)."""
+    async def attach(self, container_id: str, *, stdin: bool = False) -> _AttachStream:
+        """Attach to stdout and stderr (frames kept apart, bytes untouched), and stdin.
+
+        stdin needs a container created with OpenStdin and StdinOnce: the end of what
+        ``send_stdin()`` writes is then the end of its input.
+        """
 
         async def setup() -> tuple[URL, bytes | None, bool]:
             url = URL(f"containers/{container_id}/attach").with_query(
-                {"stream": 1, "stdout": 1, "stderr": 1, "stdin": 0, "logs": 0}
+                {"stream": 1, "stdout": 1, "stderr": 1, "stdin": int(stdin), "logs": 0}
             )
             return url, None, False  # tty is never on: frames carry the stream number
 
@@ -303,9 +310,26 @@ class _AttachStream(Stream):
         except (aiohttp.ClientError, OSError) as e:
             raise EngineError("container attach", f"{type(e).__name__}: {e}") from e
 
+    async def send_stdin(self, data: bytes) -> None:
+        """Write all of ``data`` to the container's stdin, then close it (end of input)."""
+        try:
+            for start in range(0, len(data), STDIN_CHUNK_BYTES):
+                await self.write_in(data[start : start + STDIN_CHUNK_BYTES])
+            connection = self._resp.connection if self._resp is not None else None
+            transport = connection.transport if connection is not None else None
+            if transport is not None and transport.can_write_eof():
+                transport.write_eof()  # a half-close: the output keeps coming
+        except (aiohttp.ClientError, OSError) as e:
+            raise EngineError("container attach", f"{type(e).__name__}: {e}") from e
+
     async def close(self) -> None:
         await super().close()
         self._closed = True
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), STDIN_CHUNK_BYTES):
+        yield data[start : start + STDIN_CHUNK_BYTES]
 
 
 def _split_ref(ref: str) -> tuple[str, str | None]:
@@ -332,17 +356,27 @@ class Exit:
 
 
 async def run_attached(
-    api: DockerApi, container_id: str, *, timeout_s: float, on_output: Callable[[int, bytes], None]
+    api: DockerApi,
+    container_id: str,
+    *,
+    timeout_s: float,
+    on_output: Callable[[int, bytes], None],
+    stdin: bytes | None = None,
 ) -> Exit:
     """Attach, start, feed every output frame to ``on_output``, wait for the exit.
 
-    On timeout the container is killed; output read until then has been fed.
+    ``stdin`` (for a container created with OpenStdin and StdinOnce) is written once
+    it has started, while its output is read, then closed. On timeout the container
+    is killed; output read until then has been fed.
     """
-    stream = await api.attach(container_id)
+    stream = await api.attach(container_id, stdin=stdin is not None)
     timed_out = False
+    writer: asyncio.Task[None] | None = None
     try:
         await api.send("container start", f"containers/{container_id}/start")
         started = time.monotonic()
+        if stdin is not None:
+            writer = asyncio.create_task(stream.send_stdin(stdin))
         try:
             async with asyncio.timeout(timeout_s):
                 while (message := await stream.read()) is not None:
@@ -354,5 +388,20 @@ async def run_attached(
             exit_code = await api.wait(container_id, KILL_GRACE_S)
         duration_s = time.monotonic() - started
     finally:
+        if writer is not None:
+            await _finish_writer(writer)
         await stream.close()
     return Exit(exit_code, timed_out, duration_s)
+
+
+async def _finish_writer(writer: asyncio.Task[None]) -> None:
+    """The process has exited (or we are leaving): the rest of its input is moot."""
+    if not writer.done():
+        writer.cancel()
+    try:
+        await writer
+    except asyncio.CancelledError:
+        if not writer.cancelled():
+            raise
+    except EngineError as e:  # it exited without reading all: its own output says why
+        log.debug("stdin not fully written", error=str(e))

@@ -112,6 +112,18 @@ BUILD_SCRIPT: Final = f"""{_PREAMBLE}\
 python3 -m venv --without-pip {VENV}
 {TOOLS_MOUNT}/uv pip install --python {VENV}/bin/python -r "$b/requirements.lock"
 {_FINISH}"""
+# Bytecode an uninstall leaves behind: a top-level module's .pyc lives in the
+# shared site-packages/__pycache__, which no package's RECORD owns. A __pycache__
+# .pyc whose source is gone is never used by Python; removing it leaves the venv as
+# a fresh install would be.
+_DROP_ORPHAN_PYC: Final = """\
+import pathlib, sys
+for pyc in pathlib.Path(sys.argv[1]).rglob("__pycache__/*.pyc"):
+    if not (pyc.parent.parent / (pyc.name.split(".")[0] + ".py")).exists():
+        pyc.unlink()
+        if not any(pyc.parent.iterdir()):
+            pyc.parent.rmdir()
+"""
 # A near build, in a container of the parent image: the lock resolved on its own
 # (what `uv pip install` resolves into an empty venv, the parent's packages no
 # preference), then synced: the venv ends up exactly the lock's, whatever the parent had.
@@ -119,6 +131,7 @@ SYNC_SCRIPT: Final = f"""{_PREAMBLE}\
 {TOOLS_MOUNT}/uv pip compile --python {VENV}/bin/python --no-header --no-annotate --quiet \\
   "$b/requirements.lock" > "$b/resolved.txt"
 {TOOLS_MOUNT}/uv pip sync --python {VENV}/bin/python "$b/resolved.txt"
+python3 -I -c '{_DROP_ORPHAN_PYC}' {VENV}
 {_FINISH}"""
 
 # Moves a freshly copied uv into place in one rename: a reader never sees half a binary.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -31,6 +31,7 @@ __all__ = [
     "docker_prefix",
     "docker_settings",
     "engine",
+    "remove_images",
     "six_image",
 ]
 
@@ -49,6 +50,27 @@ def _run_in_thread(step: Awaitable[T]) -> T:
 
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, main()).result()
+
+
+async def remove_images(ids: Sequence[str], remove: Callable[..., Awaitable[object]]) -> None:
+    """Force-remove images, children before parents (a near build's image is a child).
+
+    The engine refuses to remove an image another image is built on; retry those
+    after the others, and let the last pass raise.
+    """
+    pending = list(ids)
+    for attempt in range(4):
+        failed = []
+        for image_id in pending:
+            try:
+                await remove(image_id, force=True)
+            except Exception:
+                if attempt == 3:
+                    raise
+                failed.append(image_id)
+        if not failed:
+            return
+        pending = failed
 
 
 def belongs_to_run(labels: Mapping[str, str], prefix: str) -> bool:
@@ -91,9 +113,8 @@ async def _cleanup(settings: Settings, prefix: str) -> None:
         for container in await engine.list_berth_containers():
             if belongs_to_run(container.labels, prefix):
                 await engine.remove_container(container.id)
-        for image in await engine.list_berth_images():
-            if belongs_to_run(image.labels, prefix):
-                await engine.remove_image(image.id, force=True)
+        images = [i for i in await engine.list_berth_images() if belongs_to_run(i.labels, prefix)]
+        await remove_images([i.id for i in images], engine.remove_image)
         for volume in await engine.list_berth_volumes():
             if volume.startswith(prefix):
                 await engine.remove_volume(volume)

@@ -20,6 +20,7 @@ from arq.connections import ArqRedis
 from shared.client import Client, JobResult
 from shared.models import JobSpec
 from shared.settings import Settings
+from tests.docker_fixtures import remove_images
 from worker.main import build_worker
 
 TEST_RUN_LABEL = "berth.test_run"
@@ -37,8 +38,8 @@ def job_run_id() -> Iterator[str]:
             label = f"{TEST_RUN_LABEL}={RUN_ID}"
             for c in await docker.containers.list(all=True, filters={"label": [label]}):
                 await c.delete(force=True, v=True)
-            for image in await docker.images.list(filters={"label": [label]}):
-                await docker.images.delete(image["Id"], force=True)
+            images = await docker.images.list(filters={"label": [label]})
+            await remove_images([i["Id"] for i in images], docker.images.delete)
         finally:
             await docker.close()
 

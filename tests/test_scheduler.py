@@ -210,7 +210,9 @@ async def test_a_scheduler_runs_every_cron(
     for job in scheduler.cron_jobs:
         job.next_run = when
     try:
-        assert await scheduler.run_check() == len(scheduler.cron_jobs)
+        # run_check raises if any cron failed; a cron whose next slot falls inside the
+        # burst (a minute boundary) may run twice, so at least one run of each.
+        assert await scheduler.run_check() >= len(scheduler.cron_jobs)
     finally:
         await close(scheduler)
     snapshot = await load_snapshot(redis)

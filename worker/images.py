@@ -4,7 +4,8 @@ Keys first (DESIGN.md "Keys"): the canonical requirement set, its lock for the
 runtime's Python (cached, re-resolved after its TTL when unpinned), the base
 image's digest, and from those the image key. Then the image: hot cache, then
 Postgres, and on a miss a single-flight build: one worker in the whole fleet
-holds the build lease for the key, the others wait for its record.
+holds the build lease for the key, the others wait for its record. A build starts
+from the closest image this engine has when there is one (``worker.near``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 from redis.asyncio import Redis
@@ -20,22 +21,24 @@ from redis.asyncio import Redis
 from shared.cache import Cache, ImageRecord, RequirementRecord, count
 from shared.constants import (
     BUILD_RECIPE_VERSION,
+    LABEL_IMAGE_KEY,
     LABEL_MANAGED,
     build_lease_key,
     failed_resolution_key,
     image_tag,
 )
-from shared.engine import Engine
-from shared.errors import BerthError, BuildFailed, ResolutionFailed
+from shared.engine import Engine, ImageInfo
+from shared.errors import BerthError, BuildFailed, EngineError, ResolutionFailed
 from shared.hashing import deps_hash, image_key, lock_hash
 from shared.lease import Lease
 from shared.locks import resolve_lock
 from shared.requirements import RequirementSet, parse_requirements
 from shared.settings import Settings
+from worker import near
 
 log = structlog.get_logger(__name__)
 
-WAIT_POLL_S = 0.25
+WAIT_POLL_S = 0.1  # how often a job waiting for another worker's build looks again
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class ReadyImage:
     tier: str  # where it was found: redis, postgres, built, waited
     build_s: float = 0.0
     record: ImageRecord | None = None
+    parent_key: str | None = None  # built by us on top of this image (a near build)
 
 
 class BuildWaitTimeout(BerthError):
@@ -156,10 +160,11 @@ class ImageResolver:
                     again = await self.cache.get_image(keys.image_key)
                     if again.record is not None:
                         return self._usable(again.record, cache_hit=False, tier="waited")
-                    record = await self._build(keys, job_id=job_id)
-                return self._usable(
+                    record, parent_key = await self._build(keys, job_id=job_id)
+                ready = self._usable(
                     record, cache_hit=False, tier="built", build_s=record.build_seconds or 0.0
                 )
+                return replace(ready, parent_key=parent_key)
             # Another worker is building: wait for its record, or for its lease to lapse.
             while await lease.held_by_anyone():
                 waited = time.monotonic() - started
@@ -183,12 +188,44 @@ class ImageResolver:
             )
         return ReadyImage(record.image_tag, record.image_key, cache_hit, tier, build_s, record)
 
-    async def _build(self, keys: Keys, *, job_id: str) -> ImageRecord:
+    async def _parent(self, keys: Keys) -> ImageInfo | None:
+        """The closest image on this engine to start the build from (None: from scratch)."""
+        try:
+            images = await self.engine.list_berth_images()
+        except EngineError as e:
+            log.warning("build.parent_lookup_failed", image_key=keys.image_key[:12], error=str(e))
+            return None
+        found = near.closest_parent(
+            images,
+            runtime=keys.runtime,
+            base_digest=keys.base_digest,
+            recipe_version=BUILD_RECIPE_VERSION,
+            lock_text=keys.lock,
+            required_labels=self.settings.extra_labels,
+            exclude_key=keys.image_key,
+        )
+        if found is None:
+            return None
+        parent, shared_pins = found
+        log.info(
+            "build.parent",
+            image_key=keys.image_key[:12],
+            parent_image_key=parent.labels.get(LABEL_IMAGE_KEY, "")[:12],
+            shared_pins=shared_pins,
+        )
+        return parent
+
+    async def _build(self, keys: Keys, *, job_id: str) -> tuple[ImageRecord, str | None]:
         labels = {
             LABEL_MANAGED: "true",
-            "berth.runtime": keys.runtime,
             "berth.deps_hash": keys.deps_hash,
             "berth.built_by_job": job_id,
+            **near.image_labels(
+                runtime=keys.runtime,
+                base_digest=keys.base_digest,
+                recipe_version=BUILD_RECIPE_VERSION,
+                lock_text=keys.lock,
+            ),
         }
         base = {
             "image_key": keys.image_key,
@@ -207,6 +244,7 @@ class ImageResolver:
                 base_image=keys.base_image,
                 lock_text=keys.lock,
                 labels=labels,
+                parent=await self._parent(keys),
             )
         except BuildFailed as e:
             await self.cache.put_image(
@@ -230,8 +268,10 @@ class ImageResolver:
             job_id=job_id,
             build_s=round(built.build_seconds, 2),
             size_bytes=built.size_bytes,
+            parent_image_key=(built.parent_key or "")[:12] or None,
+            **built.phases,
         )
-        return record
+        return record, built.parent_key
 
     async def drop_stale(self, image_key: str) -> None:
         """The record points at an image the engine no longer has: forget it."""

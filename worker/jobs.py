@@ -16,10 +16,11 @@ import asyncpg
 import structlog
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared.blobstore import BlobStore
 from shared.cache import Cache
-from shared.constants import cancel_request_key
+from shared.constants import cancel_request_key, job_finished_channel
 from shared.engine import Engine
 from shared.errors import BerthError, BuildFailed, ImageMissing, InvalidJob, ServiceUnavailable
 from shared.hashing import execution_key, script_hash
@@ -191,6 +192,17 @@ def _record_metrics(metrics: Metrics, outcome: Outcome, timings: dict[str, float
         metrics.record_cache_lookup("path", path_results.get(restored["result"], "miss"))
 
 
+async def announce_finished(redis: Redis, job_id: str, summary: dict[str, Any]) -> None:
+    """Wake whoever waits in Client.result(): the job's row is final (or was already).
+
+    A lost notice costs the waiter its next poll, never the result.
+    """
+    try:
+        await redis.publish(job_finished_channel(job_id), str(summary.get("status", "")))
+    except RedisError as e:
+        log.warning("job.announce_failed", job_id=job_id, error=str(e))
+
+
 def _execution_key(spec: JobSpec, sh: str, keys: Keys) -> str:
     return execution_key(
         script_hash=sh,
@@ -260,6 +272,8 @@ async def _build_and_run(
         timings["build_s"] = round(image.build_s, 4)
     outcome.cache_hit = image.cache_hit
     outcome.details["image_source"] = image.tier
+    if image.parent_key is not None:
+        outcome.details["parent_image_key"] = image.parent_key
     return outcome
 
 

@@ -30,7 +30,7 @@ from shared.errors import ServiceUnavailable
 from shared.health import HEARTBEAT_INTERVAL_S, heartbeat_key
 from shared.metrics import Metrics, MetricsServer, start_metrics_server
 from shared.settings import Settings
-from worker.jobs import Deps, EngineLink, execute
+from worker.jobs import Deps, EngineLink, announce_finished, execute
 
 log = structlog.get_logger(__name__)
 
@@ -55,13 +55,15 @@ class WorkerContext(TypedDict, total=False):
 async def run_job(arq_ctx: dict[str, Any], payload: Any) -> dict[str, Any]:
     """arq's entry for a berth job: thin, everything happens in worker.jobs."""
     ctx = cast(WorkerContext, arq_ctx)
-    return await execute(
+    summary = await execute(
         ctx["deps"],
         payload,
         job_id=ctx["job_id"],
         attempt=ctx["job_try"],
         enqueued_at=ctx.get("enqueue_time"),
     )
+    await announce_finished(ctx["redis"], ctx["job_id"], summary)
+    return summary
 
 
 async def on_startup(arq_ctx: dict[str, Any]) -> None:
@@ -153,6 +155,7 @@ def build_worker(settings: Settings, *, burst: bool = False, **overrides: Any) -
         "on_shutdown": on_shutdown,
         "ctx": {"settings": settings},
         "max_jobs": settings.worker_concurrency,
+        "poll_delay": settings.poll_delay_s,
         "job_timeout": job_timeout_s(settings),
         "keep_result": settings.result_ttl_s,
         "max_tries": settings.job_max_tries,

@@ -1,0 +1,1 @@
+"""berth's benchmark: berth against raw Docker and naive builds (``bash bench/run.sh``)."""
