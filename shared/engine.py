@@ -102,6 +102,8 @@ if [ -s "$b/index-url" ]; then UV_INDEX_URL=$(cat "$b/index-url"); export UV_IND
 if [ -s "$b/extra-index-urls" ]; then
   UV_EXTRA_INDEX_URL=$(cat "$b/extra-index-urls"); export UV_EXTRA_INDEX_URL
 fi
+# uv's own flags for the installs below, as positional parameters ("$@").
+if [ -e "$b/wheels-only" ]; then set -- --no-build; else set --; fi
 """
 _FINISH: Final = """\
 mkdir -p /work
@@ -110,7 +112,7 @@ rm -rf "$b"
 """
 BUILD_SCRIPT: Final = f"""{_PREAMBLE}\
 python3 -m venv --without-pip {VENV}
-{TOOLS_MOUNT}/uv pip install --python {VENV}/bin/python -r "$b/requirements.lock"
+{TOOLS_MOUNT}/uv pip install "$@" --python {VENV}/bin/python -r "$b/requirements.lock"
 {_FINISH}"""
 # Bytecode an uninstall leaves behind: a top-level module's .pyc lives in the
 # shared site-packages/__pycache__, which no package's RECORD owns. A __pycache__
@@ -128,9 +130,9 @@ for pyc in pathlib.Path(sys.argv[1]).rglob("__pycache__/*.pyc"):
 # (what `uv pip install` resolves into an empty venv, the parent's packages no
 # preference), then synced: the venv ends up exactly the lock's, whatever the parent had.
 SYNC_SCRIPT: Final = f"""{_PREAMBLE}\
-{TOOLS_MOUNT}/uv pip compile --python {VENV}/bin/python --no-header --no-annotate --quiet \\
+{TOOLS_MOUNT}/uv pip compile "$@" --python {VENV}/bin/python --no-header --no-annotate --quiet \\
   "$b/requirements.lock" > "$b/resolved.txt"
-{TOOLS_MOUNT}/uv pip sync --python {VENV}/bin/python "$b/resolved.txt"
+{TOOLS_MOUNT}/uv pip sync "$@" --python {VENV}/bin/python "$b/resolved.txt"
 python3 -I -c '{_DROP_ORPHAN_PYC}' {VENV}
 {_FINISH}"""
 
@@ -603,7 +605,13 @@ class Engine:
                 return None
             if done.exit_code != 0:
                 reason = f"the installer exited with code {done.exit_code}"
-                raise BuildFailed(image_key, reason, tail.text())
+                log_tail = tail.text()
+                if "building from source is disabled" in log_tail:
+                    reason += (
+                        "; a package has no wheel for this runtime and source builds are off"
+                        " (BERTH_ALLOW_SOURCE_BUILDS)"
+                    )
+                raise BuildFailed(image_key, reason, log_tail)
             image_id = await self._commit(container_id, image_key, labels)
             lap("commit_s")
             return image_id
@@ -625,6 +633,10 @@ class Engine:
             files[f"{BUILD_DIR}/index-url"] = settings.index_url.encode()
         if settings.extra_index_urls:
             files[f"{BUILD_DIR}/extra-index-urls"] = " ".join(settings.extra_index_urls).encode()
+        if not settings.allow_source_builds:
+            # An sdist's build code would run as root, with network, beside the uv
+            # cache every later build on this host reads: wheels only, unless allowed.
+            files[f"{BUILD_DIR}/wheels-only"] = b"1"
         return [(name, data, 0o600) for name, data in files.items()]
 
     async def _commit(self, container_id: str, image_key: str, labels: Mapping[str, str]) -> str:

@@ -188,6 +188,37 @@ async def test_build_of_unknown_package_fails_with_uv_error(
     assert await engine.image_info(constants.image_tag(image_key)) is None
 
 
+async def test_source_only_package_needs_allow_source_builds(
+    engine: Engine, docker_settings: Settings, docker_prefix: str
+) -> None:
+    """An sdist-only package is refused by default (wheels only) and builds when allowed."""
+    lock = "docopt==0.6.2\n"  # docopt publishes no wheel
+    with pytest.raises(BuildFailed) as caught:
+        await engine.build_image(
+            image_key=f"{docker_prefix}-sdist-refused",
+            base_image=BASE_IMAGE,
+            lock_text=lock,
+            labels={},
+        )
+    assert "docopt" in caught.value.log_tail
+    assert "building from source is disabled" in caught.value.log_tail
+    assert "BERTH_ALLOW_SOURCE_BUILDS" in str(caught.value)
+
+    allowing = await Engine.connect(
+        docker_settings.model_copy(update={"allow_source_builds": True})
+    )
+    try:
+        built = await allowing.build_image(
+            image_key=f"{docker_prefix}-sdist-allowed",
+            base_image=BASE_IMAGE,
+            lock_text=lock,
+            labels={},
+        )
+    finally:
+        await allowing.close()
+    assert built.tag == constants.image_tag(f"{docker_prefix}-sdist-allowed")
+
+
 async def test_build_past_its_timeout_fails(
     engine: Engine, docker_settings: Settings, docker_prefix: str
 ) -> None:
