@@ -21,7 +21,7 @@ from typing import TypeVar
 import pytest
 
 from shared import constants
-from shared.engine import BuiltImage, Engine
+from shared.engine import BuiltImage, Engine, SandboxLimits
 from shared.settings import Settings
 
 __all__ = [
@@ -37,6 +37,16 @@ __all__ = [
 
 DOCKER_URL = "unix:///var/run/docker.sock"
 BASE_IMAGE = "berth-base/python:3.11"
+MiB = 1024 * 1024
+# Sandbox limits for engine-level tests; a test changes what it needs with replace().
+SANDBOX_LIMITS = SandboxLimits(
+    memory_bytes=256 * MiB,
+    cpus=1.0,
+    pids=128,
+    timeout_s=60,
+    max_stdout_bytes=1 * MiB,
+    max_stderr_bytes=1 * MiB,
+)
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 T = TypeVar("T")

@@ -20,20 +20,12 @@ from shared import constants
 from shared.engine import BuiltImage, Engine, RunResult, SandboxLimits
 from shared.errors import BuildFailed, EngineError, ServiceUnavailable
 from shared.settings import Settings
-from tests.docker_fixtures import BASE_IMAGE, belongs_to_run
+from tests.docker_fixtures import BASE_IMAGE, SANDBOX_LIMITS, MiB, belongs_to_run
 from tests.memory import peak_rss_growth_kib, reset_peak_rss
 
 pytestmark = pytest.mark.docker
 
-MiB = 1024 * 1024
-LIMITS = SandboxLimits(
-    memory_bytes=256 * MiB,
-    cpus=1.0,
-    pids=128,
-    timeout_s=30,
-    max_stdout_bytes=1 * MiB,
-    max_stderr_bytes=1 * MiB,
-)
+LIMITS = replace(SANDBOX_LIMITS, timeout_s=30)
 
 
 def new_job_id(prefix: str) -> str:

@@ -7,20 +7,13 @@ import uuid
 
 import pytest
 
-from shared.engine import BuiltImage, Engine, RunResult, SandboxLimits
+from shared.engine import BuiltImage, Engine, RunResult
 from shared.sandbox import STDIN_FILES_MAX_BYTES
+from tests.docker_fixtures import SANDBOX_LIMITS
 
 pytestmark = pytest.mark.docker
 
-MiB = 1024 * 1024
-LIMITS = SandboxLimits(
-    memory_bytes=256 * MiB,
-    cpus=1.0,
-    pids=128,
-    timeout_s=60,
-    max_stdout_bytes=1 * MiB,
-    max_stderr_bytes=1 * MiB,
-)
+LIMITS = SANDBOX_LIMITS
 
 DIGESTS = """\
 import hashlib, os, sys

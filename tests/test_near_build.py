@@ -4,30 +4,23 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from shared import constants
-from shared.engine import LABEL_PARENT_KEY, BuiltImage, Engine, ImageInfo, SandboxLimits
+from shared.engine import LABEL_PARENT_KEY, BuiltImage, Engine, ImageInfo
 from shared.hashing import image_key
 from shared.models import Status
 from shared.settings import Settings
-from tests.docker_fixtures import BASE_IMAGE
+from tests.docker_fixtures import BASE_IMAGE, SANDBOX_LIMITS, MiB
 from tests.jobs_fixtures import Submit
 from worker import near
 
 pytestmark = pytest.mark.docker
 
-MiB = 1024 * 1024
-LIMITS = SandboxLimits(
-    memory_bytes=256 * MiB,
-    cpus=1.0,
-    pids=128,
-    timeout_s=60,
-    max_stdout_bytes=4 * MiB,
-    max_stderr_bytes=1 * MiB,
-)
+LIMITS = replace(SANDBOX_LIMITS, max_stdout_bytes=4 * MiB)
 
 # What a venv holds, as the job user sees it: distributions (importlib.metadata), every
 # file under site-packages (so a leftover of an uninstalled package shows) and bin/.
