@@ -182,9 +182,9 @@ async def _hold_claim(redis: Redis, job_id: str, ttl_s: float) -> None:
 
 
 def _record_metrics(metrics: Metrics, outcome: Outcome, timings: dict[str, float]) -> None:
-    metrics.record_job(
-        outcome.status, timings["total_s"], timings.get("queue_wait_s"), outcome.cache_hit
-    )
+    # A reused result looked up no image: it is not an image-cache hit or miss.
+    image_hit = None if outcome.reused_from is not None else outcome.cache_hit
+    metrics.record_job(outcome.status, timings["total_s"], timings.get("queue_wait_s"), image_hit)
     if outcome.details.get("image_source") == "built":
         metrics.record_build("succeeded", timings.get("build_s", 0.0))
     path_results: dict[str, CacheResult] = {"exact": "hit", "prefix": "prefix_hit"}
@@ -259,15 +259,18 @@ async def _build_and_run(
 
     t0 = time.perf_counter()
     image = await resolver.ready(keys, job_id=job_id, on_build=mark_building)
+    image_s = time.perf_counter() - t0
     try:
         outcome = await _run(deps, engine, spec, image, job_id, timings, columns)
     except ImageMissing:
         # The record outlived its image (removed behind the cache's back): rebuild once.
         await resolver.drop_stale(keys.image_key)
+        t0 = time.perf_counter()
         image = await resolver.ready(keys, job_id=job_id, on_build=mark_building)
+        image_s += time.perf_counter() - t0
         outcome = await _run(deps, engine, spec, image, job_id, timings, columns)
         outcome.details["stale_image_rebuilt"] = True
-    timings["image_s"] = round(time.perf_counter() - t0 - timings.get("run_s", 0.0), 4)
+    timings["image_s"] = round(image_s, 4)
     if image.build_s:
         timings["build_s"] = round(image.build_s, 4)
     outcome.cache_hit = image.cache_hit
