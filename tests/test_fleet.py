@@ -155,7 +155,7 @@ async def fleet(settings: Settings, redis: ArqRedis, pool: asyncpg.Pool) -> Asyn
         yield fleet
     finally:
         for worker in fleet.workers:
-            await docker("rm", "--force", worker.container)
+            await docker("rm", "--force", "--volumes", worker.container)
         _, rows = await docker(
             "ps", "--all", "--filter", f"label={LABEL_JOB_ID}",
             "--format", f'{{{{.ID}}}} {{{{.Label "{LABEL_JOB_ID}"}}}}',
@@ -163,7 +163,7 @@ async def fleet(settings: Settings, redis: ArqRedis, pool: asyncpg.Pool) -> Asyn
         labelled = [line.split() for line in rows.splitlines()]
         ours = [words[0] for words in labelled if words[1:2] and words[1] in fleet.job_ids]
         if ours:
-            await docker("rm", "--force", *ours)
+            await docker("rm", "--force", "--volumes", *ours)  # their /work volumes too
         tags = [r["image_tag"] for r in await pool.fetch("select image_tag from image_cache")]
         for tag in tags:
             code, image_id = await docker("image", "inspect", "--format", "{{.Id}}", tag)

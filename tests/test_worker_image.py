@@ -122,7 +122,7 @@ def run_in_image(image: str) -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        docker("rm", "--force", name)
+        docker("rm", "--force", "--volumes", name)
 
 
 def run(
