@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import TypeVar
 import pytest
 
 from shared import constants
-from shared.engine import BuiltImage, Engine, SandboxLimits
+from shared.engine import BuiltImage, Engine, Sandbox, SandboxLimits
 from shared.settings import Settings
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "docker_prefix",
     "docker_settings",
     "engine",
+    "new_job_id",
+    "open_sandbox",
     "remove_images",
     "six_image",
 ]
@@ -48,6 +51,30 @@ SANDBOX_LIMITS = SandboxLimits(
     max_stderr_bytes=1 * MiB,
 )
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def new_job_id(prefix: str) -> str:
+    """A job id under this run's prefix (the cleanup finds its containers by it)."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def open_sandbox(
+    engine: Engine,
+    image: BuiltImage,
+    prefix: str,
+    *,
+    limits: SandboxLimits = SANDBOX_LIMITS,
+    env: Mapping[str, str] | None = None,
+) -> Sandbox:
+    """``async with open_sandbox(...) as box``: a sandbox on a test image of this run."""
+    return engine.sandbox(
+        image=image.tag,
+        job_id=new_job_id(prefix),
+        image_key=image.tag.rpartition(":")[2],
+        limits=limits,
+        env=env or {},
+    )
+
 
 T = TypeVar("T")
 

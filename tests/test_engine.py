@@ -10,7 +10,6 @@ import shutil
 import statistics
 import tarfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 
@@ -20,16 +19,19 @@ from shared import constants
 from shared.engine import BuiltImage, Engine, RunResult, SandboxLimits
 from shared.errors import BuildFailed, EngineError, ServiceUnavailable
 from shared.settings import Settings
-from tests.docker_fixtures import BASE_IMAGE, SANDBOX_LIMITS, MiB, belongs_to_run
+from tests.docker_fixtures import (
+    BASE_IMAGE,
+    SANDBOX_LIMITS,
+    MiB,
+    belongs_to_run,
+    new_job_id,
+    open_sandbox,
+)
 from tests.memory import peak_rss_growth_kib, reset_peak_rss
 
 pytestmark = pytest.mark.docker
 
 LIMITS = replace(SANDBOX_LIMITS, timeout_s=30)
-
-
-def new_job_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
 async def run_script(
@@ -43,13 +45,7 @@ async def run_script(
     limits: SandboxLimits = LIMITS,
     env: Mapping[str, str] | None = None,
 ) -> RunResult:
-    async with engine.sandbox(
-        image=image.tag,
-        job_id=new_job_id(prefix),
-        image_key=image.tag.rpartition(":")[2],
-        limits=limits,
-        env=env or {},
-    ) as box:
+    async with open_sandbox(engine, image, prefix, limits=limits, env=env) as box:
         await box.put_files({"main.py": script.encode()})
         return await box.run(["python3", "main.py", *args], stdin=stdin)
 
@@ -497,13 +493,7 @@ async def test_collect_outputs_regular_files_with_caps(
         "os.mkfifo('out/fifo')\n"
         "os.symlink('/etc', 'etc_link')\n"
     )
-    async with engine.sandbox(
-        image=six_image.tag,
-        job_id=new_job_id(docker_prefix),
-        image_key=f"{docker_prefix}-six",
-        limits=LIMITS,
-        env={},
-    ) as box:
+    async with open_sandbox(engine, six_image, docker_prefix, limits=LIMITS) as box:
         await box.put_files({"main.py": script.encode()})
         result = await box.run(["python3", "main.py"])
         assert result.exit_code == 0, result.stderr
@@ -527,13 +517,7 @@ async def test_files_in_subdirectories_belong_to_the_job_user(
     engine: Engine, six_image: BuiltImage, docker_prefix: str
 ) -> None:
     """put_files creates parent directories, all owned by the job user, contents exact."""
-    async with engine.sandbox(
-        image=six_image.tag,
-        job_id=new_job_id(docker_prefix),
-        image_key=f"{docker_prefix}-six",
-        limits=LIMITS,
-        env={},
-    ) as box:
+    async with open_sandbox(engine, six_image, docker_prefix, limits=LIMITS) as box:
         await box.put_files({"data/in/x.bin": b"\x00\xff", "main.py": b"import os\n"})
         await box.put_files(
             {
@@ -569,13 +553,7 @@ async def test_archive_streams_in_and_out(
     """A streamed tar lands in /work, and get_archive_stream() streams a path back out."""
     size = 16 * MiB
     expected = hashlib.sha256(hashlib.sha256(b"berth").digest() * 2048 * (size // 65536))
-    async with engine.sandbox(
-        image=six_image.tag,
-        job_id=new_job_id(docker_prefix),
-        image_key=f"{docker_prefix}-six",
-        limits=LIMITS,
-        env={},
-    ) as box:
+    async with open_sandbox(engine, six_image, docker_prefix, limits=LIMITS) as box:
         await box.put_archive_stream(_tar_stream("cache/big.bin", size, 65534))
         digest = (
             "import hashlib; print(hashlib.sha256(open('cache/big.bin','rb').read()).hexdigest())"
@@ -618,13 +596,7 @@ async def test_sweep_leaves_young_containers_alone(
 ) -> None:
     """sweep_containers() keeps a berth container younger than the given age."""
     # Not swept with a small age here: that removes other runs' containers on a shared engine.
-    async with engine.sandbox(
-        image=six_image.tag,
-        job_id=new_job_id(docker_prefix),
-        image_key=f"{docker_prefix}-six",
-        limits=LIMITS,
-        env={},
-    ):
+    async with open_sandbox(engine, six_image, docker_prefix, limits=LIMITS):
         await engine.sweep_containers(older_than_s=3600)
         assert len(await our_containers(engine, docker_prefix)) == 1
 
@@ -640,13 +612,7 @@ async def test_trivial_job_phases(
     phases: dict[str, list[float]] = {}
     for _ in range(5):
         started = time.monotonic()
-        async with engine.sandbox(
-            image=six_image.tag,
-            job_id=new_job_id(docker_prefix),
-            image_key=f"{docker_prefix}-six",
-            limits=LIMITS,
-            env={},
-        ) as box:
+        async with open_sandbox(engine, six_image, docker_prefix, limits=LIMITS) as box:
             await box.put_files({"main.py": b"print(1)\n"})
             result = await box.run(["python3", "main.py"])
             await box.collect_outputs("out", max_files=10, max_bytes=1000)

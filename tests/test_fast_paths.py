@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
 
 import pytest
 
 from shared.engine import BuiltImage, Engine, RunResult
 from shared.sandbox import STDIN_FILES_MAX_BYTES
-from tests.docker_fixtures import SANDBOX_LIMITS
+from tests.docker_fixtures import open_sandbox
 
 pytestmark = pytest.mark.docker
 
-LIMITS = SANDBOX_LIMITS
 
 DIGESTS = """\
 import hashlib, os, sys
@@ -31,13 +29,7 @@ async def run_with(
     files: dict[str, tuple[bytes, int]],
     stdin: bytes | None,
 ) -> RunResult:
-    async with engine.sandbox(
-        image=image.tag,
-        job_id=f"{prefix}-{uuid.uuid4().hex[:12]}",
-        image_key=image.tag.rpartition(":")[2],
-        limits=LIMITS,
-        env={},
-    ) as box:
+    async with open_sandbox(engine, image, prefix) as box:
         await box.put_files({"main.py": DIGESTS.encode()})
         for name, (data, mode) in files.items():
             await box.put_files({name: data}, mode=mode)

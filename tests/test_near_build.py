@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -14,7 +13,7 @@ from shared.engine import LABEL_PARENT_KEY, BuiltImage, Engine, ImageInfo
 from shared.hashing import image_key
 from shared.models import Status
 from shared.settings import Settings
-from tests.docker_fixtures import BASE_IMAGE, SANDBOX_LIMITS, MiB
+from tests.docker_fixtures import BASE_IMAGE, SANDBOX_LIMITS, MiB, open_sandbox
 from tests.jobs_fixtures import Submit
 from worker import near
 
@@ -39,13 +38,7 @@ print(json.dumps({
 
 
 async def environment(engine: Engine, image: BuiltImage, prefix: str) -> dict[str, list[str]]:
-    async with engine.sandbox(
-        image=image.tag,
-        job_id=f"{prefix}-{uuid.uuid4().hex[:12]}",
-        image_key=image.tag.rpartition(":")[2],
-        limits=LIMITS,
-        env={},
-    ) as box:
+    async with open_sandbox(engine, image, prefix, limits=LIMITS) as box:
         await box.put_files({"main.py": ENVIRONMENT_SCRIPT.encode()})
         result = await box.run(["python3", "main.py"])
     assert result.exit_code == 0, result.stderr
