@@ -167,18 +167,32 @@ def _seconds(samples: list[float]) -> dict[str, float]:
 # ---------------------------------------------------------------- case 1: hit path
 
 
+async def environment_dir(bench: Bench, image_key: str) -> str | None:
+    """The image's environment in the store volume; None for code that keeps it in the
+    image (the "before" tree)."""
+    volume = bench.env.settings_values.get("store_volume")
+    if volume is None:
+        return None
+    done = await run_command(["docker", "volume", "inspect", "--format", "{{.Mountpoint}}", volume])
+    path = Path(done.stdout.decode().strip()) / "envs" / image_key
+    return str(path) if done.returncode == 0 and path.is_dir() else None
+
+
 async def hit_path(bench: Bench, runs: int) -> dict[str, Any]:
     """print(1) with a cached image: berth submit→result against docker run, interleaved."""
     spec = bench.spec()
     warm = [await bench.job(spec) for _ in range(3)]  # the first one builds the image
     tag = f"berth/deps:{warm[-1].image_key}"
+    env_dir = await environment_dir(bench, warm[-1].image_key)
     for _ in range(2):
-        await naive.docker_run(tag, ["python", "-c", "print(1)"])
+        await naive.docker_run(tag, ["python", "-c", "print(1)"], env_dir=env_dir)
     berth: list[JobTiming] = []
     raw: list[float] = []
     for _ in range(runs):
         berth.append(await bench.job(spec))
-        raw.append((await naive.docker_run(tag, ["python", "-c", "print(1)"])).seconds)
+        raw.append(
+            (await naive.docker_run(tag, ["python", "-c", "print(1)"], env_dir=env_dir)).seconds
+        )
     assert all(j.stdout == b"1\n" and j.cache_hit for j in berth)
     berth_s = [j.seconds for j in berth]
     outside = [
@@ -188,6 +202,7 @@ async def hit_path(bench: Bench, runs: int) -> dict[str, Any]:
     b, r = summary(berth_s), summary(raw)
     return {
         "image": tag,
+        "env_dir": env_dir,
         "berth_s": _seconds(berth_s),
         "docker_run_s": _seconds(raw),
         "ratio_p50": ratio(b["p50"], r["p50"]),
@@ -221,7 +236,7 @@ async def builds(bench: Bench, repeats: int, *, empty_cache: bool) -> dict[str, 
         """A first job on a worker whose uv cache volume is new (and empty)."""
         volume = f"berth-bench-{env.run_id}-uvcold-{i}"
         queue = f"berth:bench-queue:{env.run_id}:cold{i}"  # the main worker must not take it
-        cold_worker = env.worker(f"cold{i}", uv_cache_volume=volume, queue_name=queue)
+        cold_worker = env.worker(f"cold{i}", store_volume=volume, queue_name=queue)
         await cold_worker.start()
         try:
             await settle()
@@ -421,7 +436,9 @@ async def stampede(
 # -------------------------------------------------------------- case 6: throughput
 
 
-async def throughput(bench: Bench, image_tag: str, jobs: int, parallel: int) -> dict[str, Any]:
+async def throughput(
+    bench: Bench, image_tag: str, jobs: int, parallel: int, *, env_dir: str | None = None
+) -> dict[str, Any]:
     """``jobs`` print(1) jobs on one worker (concurrency ``parallel``) against docker run."""
     spec = bench.spec()
     started = time.perf_counter()
@@ -438,7 +455,7 @@ async def throughput(bench: Bench, image_tag: str, jobs: int, parallel: int) -> 
 
     async def raw_one() -> None:
         async with gate:
-            await naive.docker_run(image_tag, ["python", "-c", "print(1)"])
+            await naive.docker_run(image_tag, ["python", "-c", "print(1)"], env_dir=env_dir)
 
     started = time.perf_counter()
     await asyncio.gather(*(raw_one() for _ in range(jobs)))

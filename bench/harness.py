@@ -103,7 +103,7 @@ class BenchEnv:
                 "queue_name": f"berth:bench-queue:{run_id}",
                 "ca_bundle_path": CA_BUNDLE_PATH,
                 "extra_labels": {BENCH_LABEL: run_id},
-                "uv_cache_volume": f"berth-bench-{run_id}-uv",
+                "store_volume": f"berth-bench-{run_id}-store",
                 "eviction_interval_s": 86400,
                 "worker_concurrency": 4,
                 "build_wait_timeout_s": 1200.0,

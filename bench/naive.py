@@ -32,9 +32,18 @@ RUN python3 -m venv /opt/venv
 """
 
 
-async def docker_run(image: str, command: Sequence[str]) -> CommandResult:
-    """``docker run --rm --network none IMAGE COMMAND``; raises if it fails."""
-    done = await run_command(["docker", "run", "--rm", "--network", "none", image, *command])
+async def docker_run(
+    image: str, command: Sequence[str], *, env_dir: str | None = None
+) -> CommandResult:
+    """``docker run --rm --network none IMAGE COMMAND``; raises if it fails.
+
+    ``env_dir``: the image's environment in berth's store, mounted as berth mounts it
+    (read-only at /opt/venv): the same container a berth job gets.
+    """
+    mount = ["--mount", f"type=bind,src={env_dir},dst=/opt/venv,readonly"] if env_dir else []
+    done = await run_command(
+        ["docker", "run", "--rm", "--network", "none", *mount, image, *command]
+    )
     if done.returncode != 0:
         raise RuntimeError(f"docker run failed: {done.stderr.decode(errors='replace')[-500:]}")
     return done

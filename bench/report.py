@@ -49,7 +49,8 @@ def render(results: dict[str, Any]) -> str:
 
     if hit := cases.get("hit_path"):
         b, r = hit["berth_s"], hit["docker_run_s"]
-        base = "`docker run --rm --network none IMAGE python -c 'print(1)'`"
+        mount = " --mount type=bind,src=ENV,dst=/opt/venv,readonly" if hit.get("env_dir") else ""
+        base = f"`docker run --rm --network none{mount} IMAGE python -c 'print(1)'`"
         table(
             1,
             "hit path p50, submit → result of print(1)",

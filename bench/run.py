@@ -102,7 +102,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             out["hit_path"] = hit
         if "throughput" in wanted:
             step("case 6: throughput")
-            out["throughput"] = await bc.throughput(bench, hit["image"], args.throughput_jobs, 4)
+            out["throughput"] = await bc.throughput(
+                bench, hit["image"], args.throughput_jobs, 4, env_dir=hit["env_dir"]
+            )
             memory["after_throughput_bytes"] = worker.rss_bytes()
             step("case 7: memory")
             out["memory"] = memory

@@ -16,7 +16,7 @@ from typing import Literal
 import asyncpg
 from redis.asyncio import Redis
 
-from scheduler.eviction import berth_images, remove_berth_image
+from scheduler.eviction import berth_images, prune_environments, remove_berth_image
 from scheduler.metrics import Counters, Rate, counters
 from shared.cache import Cache, count, hit_rate
 from shared.constants import LABEL_IMAGE_KEY, build_lease_key, image_record_key
@@ -65,6 +65,7 @@ class Removed:
     freed_bytes: int = 0
     records: list[str] = field(default_factory=list)  # keys marked evicted
     kept: list[str] = field(default_factory=list)  # keys in use or being built
+    environments: int = 0  # environments removed from the store (of any key no image needs)
 
 
 async def list_entries(
@@ -142,6 +143,7 @@ async def remove_entry(
         image_key, status="evicted", reason="removed by berth cache rm"
     )
     done.records.append(image_key)
+    done.environments = len(await prune_environments(engine, settings))
     await _count(redis, done)
     return done
 
@@ -180,6 +182,7 @@ async def clear_all(
     done.kept = sorted(kept | {r["image_key"] for r in kept_records})
     if done.records:
         await redis.delete(*(image_record_key(k) for k in done.records))
+    done.environments = len(await prune_environments(engine, settings))
     await _count(redis, done)
     return done
 

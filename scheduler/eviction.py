@@ -14,7 +14,9 @@ removed; nor does the engine remove an image a container uses (no force).
 
 After a removal the record becomes ``evicted`` (kept for history) and its Redis copy
 is dropped, so the next job rebuilds instead of failing; a record that belongs to
-another engine is left alone (that engine still has its copy).
+another engine is left alone (that engine still has its copy). Then the store's
+environments that no image, container or build of the engine needs are removed
+(``prune_environments``): an image's size is its environment's.
 
 Several hosts: each engine is swept by whoever holds ``berth:lease:evict:<engine_id>``;
 the scheduler sweeps its own engine and every worker runs ``eviction_loop`` for its
@@ -36,7 +38,7 @@ from redis.asyncio import Redis
 from scheduler.eviction_plan import Candidate, Removal, plan_eviction
 from shared.cache import Cache, count
 from shared.constants import LABEL_IMAGE_KEY, build_lease_key, eviction_lease_key
-from shared.engine import Engine, ImageInfo
+from shared.engine import ENV_GRACE_S, Engine, ImageInfo
 from shared.errors import EngineError
 from shared.lease import Lease
 from shared.metrics import Metrics
@@ -45,6 +47,9 @@ from shared.settings import Settings
 log = structlog.get_logger(__name__)
 
 SWEEP_TIMEOUT_S = 600.0
+# Added to the longest a job may live before its leftovers (containers, an
+# environment moved aside while in use) are removed.
+CONTAINER_SWEEP_MARGIN_S = 300.0
 EVICTION_LEASE_TTL_S = 60.0  # renewed while the sweep runs
 
 
@@ -62,6 +67,7 @@ class EvictionReport:
     protected: int = 0
     removed: list[Removal] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    environments_removed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +106,7 @@ async def evict_images(
         budget_bytes=budget,
         protected=report.protected,
         failed=len(report.failed),
+        environments_removed=report.environments_removed,
     )
     return report
 
@@ -151,6 +158,29 @@ async def _sweep(
     if report.removed and not report.dry_run:
         await count(redis, "evictions", len(report.removed))
         await count(redis, "evicted_bytes", sum(r.size_bytes for r in report.removed))
+    if not report.dry_run:
+        report.environments_removed = len(await prune_environments(engine, settings))
+
+
+async def prune_environments(
+    engine: Engine, settings: Settings, *, grace_s: float = ENV_GRACE_S
+) -> list[str]:
+    """Remove the store's environments that no image, container or build needs.
+
+    Kept: the key of every berth image on the engine (any deployment's: they may
+    share the store volume) and of every container (a job's, or a build's).
+    A failure is logged, not raised: the next sweep tries again.
+    """
+    try:
+        images = await engine.list_berth_images()
+        keep = {i.labels[LABEL_IMAGE_KEY] for i in images if i.labels.get(LABEL_IMAGE_KEY)}
+        keep |= await engine.image_keys_in_use()
+        return await engine.prune_envs(
+            keep, stale_after_s=settings.job_timeout_s() + CONTAINER_SWEEP_MARGIN_S, grace_s=grace_s
+        )
+    except EngineError as e:
+        log.warning("scheduler.prune_environments_failed", error=str(e))
+        return []
 
 
 async def berth_images(engine: Engine, settings: Settings) -> list[ImageInfo]:

@@ -10,7 +10,7 @@ REDIS_PREFIX = "berth:"
 
 # Bump when the image build recipe changes in a way that changes image contents:
 # it is part of every image_key, so old images are never served for the new recipe.
-BUILD_RECIPE_VERSION = 1
+BUILD_RECIPE_VERSION = 2  # 2: environments in the per-host store, mounted into jobs
 
 IMAGE_REPOSITORY = "berth/deps"
 
@@ -18,6 +18,7 @@ LABEL_MANAGED = "berth.managed"
 LABEL_JOB_ID = "berth.job_id"
 LABEL_IMAGE_KEY = "berth.image_key"
 LABEL_ROLE = "berth.role"
+LABEL_ENV_BYTES = "berth.env_bytes"  # on an image: the size of its environment in the store
 
 # Retry schedules are data.
 BUILD_BACKOFF_S = (1.0, 5.0, 30.0)
@@ -72,3 +73,9 @@ METRICS_SNAPSHOT_KEY = f"{REDIS_PREFIX}metrics:snapshot"
 
 def image_tag(image_key: str) -> str:
     return f"{IMAGE_REPOSITORY}:{image_key}"
+
+
+def image_key_of(ref: str) -> str | None:
+    """The image key in a tag made by ``image_tag``; None for any other reference."""
+    repository, _, key = ref.rpartition(":")
+    return key if repository == IMAGE_REPOSITORY and key else None

@@ -197,7 +197,14 @@ class DockerApi:
             )
         except EngineNotFound as e:  # the only 404 of a create: no such image
             raise ImageMissing(str(config["Image"])) from e
-        except BaseException:  # perhaps made (timeout, cancelled): remove by name
+        except EngineError as e:
+            if "bind source path does not exist" in e.reason:
+                # An image's environment is a bind mount from the store: gone with it.
+                image = str(config["Image"])
+                raise ImageMissing(image, f"the environment of {image} is not in the store") from e
+            self.remove_container_soon(name)  # perhaps made (no answer in time)
+            raise
+        except BaseException:  # perhaps made (cancelled): remove by name
             self.remove_container_soon(name)
             raise
         return str(_obj(data, "container create")["Id"])

@@ -1,34 +1,48 @@
 """berth's Docker engine: images, dependency builds, sandboxes, housekeeping.
 
+An image is two things on one host: a small image committed from the base image
+(the job user's /work, an empty /opt/venv, the environment variables, berth's
+labels) and its *environment*, the venv, kept in the per-host store volume
+(``settings.store_volume``) as ``envs/<image key>``. Every job container of the
+image gets that directory bind-mounted read-only at /opt/venv. The store also
+holds uv's cache, so an install hard-links files out of it: a build copies no
+package data and commits no package data (a commit tars and unpacks its whole
+layer), and images that share packages share their files on disk.
+
 Builds do not use ``docker build``: a container from the base image runs a fixed
-script (``BUILD_SCRIPT`` in shared/build_recipe.py) that makes a venv and installs
-the lock with ``uv`` (from a shared tools volume, with a uv cache volume shared by
-every build), then the container is committed. Nothing from the request is ever part of the script:
-the lock and the operator's index settings arrive as files in /berth-build, which
-the script deletes before the commit.
+script (``BUILD_SCRIPT`` in shared/build_recipe.py) that makes the venv in a staging
+directory of the store, installs the lock with ``uv`` (from a shared tools volume),
+renames it to ``envs/<key>`` and is committed. Nothing from the request is ever part
+of the script: the lock and the operator's index settings arrive as files in
+/berth-build, which the script deletes before the commit.
 
 Build-only settings are never the build container's environment: a commit merges
 the container's Env and Labels into the image, where every job would see them
 (an index URL may carry credentials).
 
 Near builds: given a ``parent`` (a berth image of the same base and recipe whose
-packages the lock mostly shares), the container starts from the parent instead
-and ``SYNC_SCRIPT`` makes its venv exactly the lock: ``uv pip compile`` resolves
+packages the lock mostly shares), ``SYNC_SCRIPT`` starts from a hard-linked copy of
+the parent's environment and makes it exactly the lock: ``uv pip compile`` resolves
 the lock on its own (the parent's packages are no preference), ``uv pip sync``
-installs what is missing, changes what differs and removes what the lock lacks.
-Only the difference is installed and committed. The image key does not change
-(it never names the parent); the label ``berth.parent_image_key`` says which
-parent was used. A near build that fails falls back to a build from scratch.
+installs what is missing, changes what differs and removes what the lock lacks
+(each by replacing files, so the parent's stay as they were). The image key does
+not change (it never names the parent); the label ``berth.parent_image_key`` says
+which parent was used. A near build that fails falls back to a build from scratch.
+
+Environments leave the store through ``prune_envs``, run by the eviction sweep:
+those of keys with no image on the engine, no container and no build.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import re
 import secrets
 import tarfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,12 +55,17 @@ from shared import constants
 from shared.build_recipe import (
     BUILD_DIR,
     BUILD_SCRIPT,
+    ENV_BYTES_MARK,
+    ENVS_DIR,
     IMAGE_ENV,
+    PARENT_MISSING_EXIT,
+    PRUNE_SCRIPT,
+    STORE_MOUNT,
     SYNC_SCRIPT,
     TOOLS_MISSING_EXIT,
     TOOLS_MOUNT,
     TOOLS_SCRIPT,
-    UV_CACHE_MOUNT,
+    VENV,
 )
 from shared.docker_api import CALL_TIMEOUT_S, DockerApi, EngineNotFound, JsonObject, run_attached
 from shared.errors import BuildFailed, EngineError, ImageMissing
@@ -75,12 +94,20 @@ LOG_TAIL_BYTES: Final = 64 * 1024
 # inspect per job otherwise. A base rebuilt under the same tag is seen this late.
 BASE_DIGEST_TTL_S: Final = 10.0
 LABEL_PARENT_KEY: Final = "berth.parent_image_key"  # on a near-built image: its parent
+PRUNE_TIMEOUT_S: Final = 300.0
+# An environment of no known key is left this long after it was published: an image
+# is committed (and its key known) a moment after its environment is renamed in.
+ENV_GRACE_S: Final = 60.0
+# An image key names a directory of the store: no separators, no leading dot.
+_ENV_KEY: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_ENV_BYTES_LINE: Final = re.compile(rf"^{ENV_BYTES_MARK} (\d+)$", re.MULTILINE)
 
 ROLE_BUILD: Final = "build"
 ROLE_TOOLS: Final = "tools"
+ROLE_PRUNE: Final = "prune"
 ROLE_IMAGE: Final = "image"  # on images, so that containers made from them by hand are not swept
-ROLE_UV_CACHE: Final = "uv-cache"
-SWEPT_ROLES: Final = frozenset({ROLE_BUILD, ROLE_TOOLS, ROLE_JOB})
+ROLE_STORE: Final = "store"
+SWEPT_ROLES: Final = frozenset({ROLE_BUILD, ROLE_TOOLS, ROLE_PRUNE, ROLE_JOB})
 
 
 @dataclass(frozen=True)
@@ -137,7 +164,7 @@ class Engine:
         self._engine_id: str | None = None
         self._tools_volume: str | None = None
         self._tools_lock = asyncio.Lock()
-        self._cache_volume_ready = False
+        self._store: str | None = None  # the store volume's directory on the engine's host
         self._base_digests: dict[str, tuple[str, float]] = {}  # ref -> (digest, expires)
 
     @classmethod
@@ -166,7 +193,7 @@ class Engine:
         return ImageInfo(
             id=str(data["Id"]),
             tags=tuple(data.get("RepoTags") or ()),
-            size_bytes=int(data.get("Size") or 0),
+            size_bytes=_image_bytes(data.get("Size"), (data.get("Config") or {}).get("Labels")),
             labels=dict((data.get("Config") or {}).get("Labels") or {}),
             created=datetime.fromisoformat(str(data["Created"])),
         )
@@ -218,7 +245,7 @@ class Engine:
             ImageInfo(
                 id=str(item["Id"]),
                 tags=tuple(t for t in item.get("RepoTags") or () if t != "<none>:<none>"),
-                size_bytes=int(item.get("Size") or 0),
+                size_bytes=_image_bytes(item.get("Size"), item.get("Labels")),
                 labels=dict(item.get("Labels") or {}),
                 created=datetime.fromtimestamp(int(item.get("Created") or 0), UTC),
             )
@@ -266,7 +293,8 @@ class Engine:
             log.info("containers swept", removed=removed, older_than_s=older_than_s)
         return removed
 
-    def sandbox(
+    @asynccontextmanager
+    async def sandbox(
         self,
         *,
         image: str,
@@ -274,9 +302,18 @@ class Engine:
         image_key: str,
         limits: SandboxLimits,
         env: Mapping[str, str],
-    ) -> Sandbox:
-        """``async with engine.sandbox(...) as box:`` put files, run, collect."""
-        return Sandbox(
+    ) -> AsyncIterator[Sandbox]:
+        """``async with engine.sandbox(...) as box:`` put files, run, collect.
+
+        On a berth image (``berth/deps:<key>``) the box gets the image's environment
+        at /opt/venv, read-only; ImageMissing when the store no longer has it.
+        """
+        mounts: list[JsonObject] = []
+        env_key = constants.image_key_of(image)
+        if env_key is not None:
+            source = f"{await self.store_path()}/{ENVS_DIR}/{_checked_env_key(env_key)}"
+            mounts.append({"Type": "bind", "Source": source, "Target": VENV, "ReadOnly": True})
+        async with Sandbox(
             self._api,
             image=image,
             job_id=job_id,
@@ -284,7 +321,9 @@ class Engine:
             limits=limits,
             env=env,
             labels=self.settings.extra_labels,
-        )
+            mounts=mounts,
+        ) as box:
+            yield box
 
     # ------------------------------------------------------------------- tools
 
@@ -304,7 +343,7 @@ class Engine:
         return self._tools_volume
 
     async def list_berth_volumes(self) -> list[str]:
-        """Names of the volumes berth made (tools, uv cache)."""
+        """Names of the volumes berth made (tools, store)."""
         data = await self._api.json(
             "volume list",
             "volumes",
@@ -320,15 +359,87 @@ class Engine:
             return False
         if name == self._tools_volume:
             self._tools_volume = None
-        elif name == self.settings.uv_cache_volume:
-            self._cache_volume_ready = False
+        elif name == self.settings.store_volume:
+            self._store = None
         return True
 
-    async def _create_volume(self, name: str, role: str) -> None:
+    async def _create_volume(self, name: str, role: str) -> str:
+        """Create it if missing; its directory on the engine's host."""
         labels = {constants.LABEL_MANAGED: "true", constants.LABEL_ROLE: role}
-        await self._api.json(
+        data = await self._api.json(
             "volume create", "volumes/create", method="POST", body={"Name": name, "Labels": labels}
         )
+        return str(data.get("Mountpoint") or "")
+
+    # ------------------------------------------------------------------- store
+
+    async def store_path(self) -> str:
+        """Where the store volume lives on the engine's host (created on first use)."""
+        if self._store is None:
+            mountpoint = await self._create_volume(self.settings.store_volume, ROLE_STORE)
+            if not mountpoint.startswith("/"):
+                raise EngineError(
+                    "store volume",
+                    f"{self.settings.store_volume} has no host directory ({mountpoint!r}); "
+                    "it must be a volume of the local driver",
+                )
+            self._store = mountpoint
+        return self._store
+
+    async def prune_envs(
+        self, keep: Collection[str], *, stale_after_s: float, grace_s: float = ENV_GRACE_S
+    ) -> list[str]:
+        """Remove the store's environments of keys not in ``keep``; the names removed.
+
+        One published less than ``grace_s`` ago stays (its image may be being
+        committed), and a staging or moved-aside one stays ``stale_after_s`` (a build
+        or a job may still use it). Runs in a container without network.
+        """
+        await self.store_path()
+        image = await self._any_runtime_image()
+        envs = f"{STORE_MOUNT}/{ENVS_DIR}"
+        argv = [str(grace_s), str(stale_after_s), *sorted(keep)]
+        config: JsonObject = {
+            "Image": image,
+            "Cmd": ["python3", "-I", "-c", PRUNE_SCRIPT, envs, *argv],
+            "User": "0:0",
+            "Labels": {
+                **self.settings.extra_labels,
+                constants.LABEL_MANAGED: "true",
+                constants.LABEL_ROLE: ROLE_PRUNE,
+            },
+            "AttachStdout": True,
+            "AttachStderr": True,
+            "HostConfig": {
+                "NetworkMode": "none",
+                "CapDrop": ["ALL"],
+                "CapAdd": ["DAC_OVERRIDE"],  # package directories may be read-only
+                "SecurityOpt": ["no-new-privileges"],
+                "Mounts": [
+                    {"Type": "volume", "Source": self.settings.store_volume, "Target": STORE_MOUNT}
+                ],
+                "LogConfig": {"Type": "none", "Config": {}},
+            },
+        }
+        name = f"berth-prune-{secrets.token_hex(8)}"
+        container_id = await self._api.create_container(name, config)
+        out = bytearray()
+        try:
+            done = await run_attached(
+                self._api,
+                container_id,
+                timeout_s=PRUNE_TIMEOUT_S,
+                on_output=lambda _stream, data: out.extend(data),
+            )
+        finally:
+            await self._api.remove_container_shielded(container_id)
+        text = out.decode("utf-8", "replace")
+        if done.exit_code != 0 or done.timed_out:
+            raise EngineError("environment prune", f"exit {done.exit_code}: {text[-2000:]}")
+        removed = text.split()
+        if removed:
+            log.info("environments pruned", removed=len(removed), names=removed[:20])
+        return removed
 
     async def _any_runtime_image(self) -> str:
         for ref in self.settings.runtime_images.values():
@@ -381,24 +492,25 @@ class Engine:
         labels: Mapping[str, str],
         parent: ImageInfo | None = None,
     ) -> BuiltImage:
-        """Install ``lock_text`` into a venv on ``base_image``; tag ``berth/deps:<key>``.
+        """Install ``lock_text`` into the environment of ``berth/deps:<key>`` on ``base_image``.
 
         With ``parent`` (a berth image on this engine built from the same base image and
-        recipe), a near build: the parent's venv synced to exactly the lock. If it fails
-        for any reason, and for a lock with option lines (whose index settings the sync
-        would not see), the image is built from scratch.
+        recipe), a near build: the parent's environment synced to exactly the lock. If it
+        fails for any reason, and for a lock with option lines (whose index settings the
+        sync would not see), the image is built from scratch.
         BuildFailed when the installer fails or times out (with uv's last lines).
         """
         started = time.monotonic()
-        build_tar = files_tar(await self._build_files(lock_text), uid=0, gid=0)
-        if parent is not None and not _has_option_lines(lock_text):
-            parent_key = parent.labels.get(constants.LABEL_IMAGE_KEY, parent.id)
+        files = await self._build_files(lock_text, _checked_env_key(image_key))
+        parent_key = None if parent is None else parent.labels.get(constants.LABEL_IMAGE_KEY)
+        if parent_key and _ENV_KEY.fullmatch(parent_key) and not _has_option_lines(lock_text):
+            parent_file = (f"{BUILD_DIR}/parent-key", parent_key.encode(), 0o600)
             try:
                 return await self._build(
                     image_key,
-                    parent.id,
+                    base_image,
                     SYNC_SCRIPT,
-                    build_tar,
+                    files_tar([*files, parent_file], uid=0, gid=0),
                     {**labels, LABEL_PARENT_KEY: parent_key},
                     started,
                     parent_key=parent_key,
@@ -410,6 +522,7 @@ class Engine:
                     parent_image_key=parent_key,
                     reason=str(e),
                 )
+        build_tar = files_tar(files, uid=0, gid=0)
         return await self._build(image_key, base_image, BUILD_SCRIPT, build_tar, labels, started)
 
     async def _build(
@@ -428,9 +541,7 @@ class Engine:
         image_id: str | None = None
         for _attempt in range(2):
             tools = await self.ensure_tools(image=from_image)
-            if not self._cache_volume_ready:
-                await self._create_volume(self.settings.uv_cache_volume, ROLE_UV_CACHE)
-                self._cache_volume_ready = True
+            await self.store_path()
             tail = _Tail()
             try:
                 image_id = await self._build_in_container(
@@ -487,6 +598,8 @@ class Engine:
     ) -> str | None:
         """Run the build script and commit; None when the tools volume had no uv.
 
+        The commit holds no package: the environment went to the store.
+
         The container is removed in the background: deleting hundreds of MB of its
         layer takes a good part of a second that nobody has to wait for.
         """
@@ -514,11 +627,7 @@ class Engine:
                 "SecurityOpt": ["no-new-privileges"],
                 "Mounts": [
                     {"Type": "volume", "Source": tools, "Target": TOOLS_MOUNT, "ReadOnly": True},
-                    {
-                        "Type": "volume",
-                        "Source": settings.uv_cache_volume,
-                        "Target": UV_CACHE_MOUNT,
-                    },
+                    {"Type": "volume", "Source": settings.store_volume, "Target": STORE_MOUNT},
                 ],
                 "LogConfig": {"Type": "none", "Config": {}},
             },
@@ -546,6 +655,8 @@ class Engine:
                 raise BuildFailed(image_key, reason, tail.text())
             if done.exit_code == TOOLS_MISSING_EXIT:
                 return None
+            if done.exit_code == PARENT_MISSING_EXIT:
+                raise BuildFailed(image_key, "the parent's environment is not in the store")
             if done.exit_code != 0:
                 reason = f"the installer exited with code {done.exit_code}"
                 log_tail = tail.text()
@@ -555,18 +666,21 @@ class Engine:
                         " (BERTH_ALLOW_SOURCE_BUILDS)"
                     )
                 raise BuildFailed(image_key, reason, log_tail)
-            image_id = await self._commit(container_id, image_key, labels)
+            found = _ENV_BYTES_LINE.findall(tail.text())
+            env_bytes = {constants.LABEL_ENV_BYTES: found[-1]} if found else {}
+            image_id = await self._commit(container_id, image_key, {**labels, **env_bytes})
             lap("commit_s")
             return image_id
         finally:
             self._api.remove_container_soon(container_id)
 
-    async def _build_files(self, lock_text: str) -> list[tuple[str, bytes, int]]:
+    async def _build_files(self, lock_text: str, env_key: str) -> list[tuple[str, bytes, int]]:
         settings = self.settings
         parse_user(settings.job_user)
         files = {
             f"{BUILD_DIR}/requirements.lock": lock_text.encode(),
             f"{BUILD_DIR}/job-user": settings.job_user.encode(),
+            f"{BUILD_DIR}/env-key": env_key.encode(),
         }
         if settings.ca_bundle_path is not None:
             files[f"{BUILD_DIR}/ca.pem"] = await asyncio.to_thread(
@@ -606,6 +720,19 @@ class Engine:
             timeout_s=COMMIT_TIMEOUT_S,
         )
         return str(data["Id"])
+
+
+def _checked_env_key(key: str) -> str:
+    """An image key fit to name a directory of the store (ValueError otherwise)."""
+    if not _ENV_KEY.fullmatch(key):
+        raise ValueError(f"image key {key!r} cannot name an environment: use [A-Za-z0-9._-]")
+    return key
+
+
+def _image_bytes(size: object, labels: Mapping[str, str] | None) -> int:
+    """An image's cost on its host: its environment's size for a berth image."""
+    env_bytes = (labels or {}).get(constants.LABEL_ENV_BYTES, "")
+    return int(env_bytes) if env_bytes.isdigit() else int(str(size or 0))
 
 
 def _has_option_lines(lock_text: str) -> bool:

@@ -116,9 +116,9 @@ class EngineError(BerthError):
 class ImageMissing(EngineError):
     """The image a record points at is no longer on this engine."""
 
-    def __init__(self, image: str) -> None:
+    def __init__(self, image: str, reason: str | None = None) -> None:
         self.image = image
-        super().__init__("image lookup", f"image {image} is not on this engine")
+        super().__init__("image lookup", reason or f"image {image} is not on this engine")
 
 
 class EntryNotFound(BerthError):

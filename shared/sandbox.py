@@ -191,6 +191,7 @@ def sandbox_config(
     limits: SandboxLimits,
     env: Mapping[str, str],
     labels: Mapping[str, str] | None = None,
+    mounts: Sequence[JsonObject] = (),
 ) -> JsonObject:
     for key, value in env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
@@ -225,7 +226,7 @@ def sandbox_config(
             "Privileged": False,
             "ReadonlyRootfs": True,
             "Tmpfs": {"/tmp": "rw,nosuid,nodev,size=64m"},  # noqa: S108 (the job's own tmpfs)
-            "Mounts": [{"Type": "volume", "Target": WORKDIR}],
+            "Mounts": [{"Type": "volume", "Target": WORKDIR}, *mounts],
             "Init": True,
             "Ulimits": [{"Name": "core", "Soft": 0, "Hard": 0}],
             # Output is read from the attach stream only: a logging driver would copy
@@ -253,6 +254,7 @@ class Sandbox:
         limits: SandboxLimits,
         env: Mapping[str, str],
         labels: Mapping[str, str] | None = None,
+        mounts: Sequence[JsonObject] = (),
     ) -> None:
         self._api = api
         self.image = image
@@ -260,7 +262,13 @@ class Sandbox:
         self.image_key = image_key
         self.limits = limits
         self._config = sandbox_config(
-            image=image, job_id=job_id, image_key=image_key, limits=limits, env=env, labels=labels
+            image=image,
+            job_id=job_id,
+            image_key=image_key,
+            limits=limits,
+            env=env,
+            labels=labels,
+            mounts=mounts,
         )
         self._owner = parse_user(limits.user)
         self._name = f"berth-job-{secrets.token_hex(8)}"

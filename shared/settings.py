@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     build_timeout_s: float = Field(default=900.0, gt=0)
     build_lease_ttl_s: float = Field(default=30.0, gt=0)
     build_wait_timeout_s: float = Field(default=1200.0, gt=0)
-    uv_cache_volume: str = "berth-uv-cache"
+    # Per-host volume holding uv's cache and every image's environment (hard-linked
+    # out of the cache; jobs mount their image's, read-only).
+    store_volume: str = "berth-store"
     # Extra labels on every container and image berth makes (e.g. a deployment or
     # test-run name, so leftovers of exactly that run can be swept).
     extra_labels: dict[str, str] = Field(default_factory=dict)
@@ -132,6 +134,20 @@ class Settings(BaseSettings):
             if not image.strip():
                 raise ValueError(f"runtime {name!r} has an empty image reference")
         return value
+
+    def job_timeout_s(self) -> float:
+        """The longest a job may hold a worker: lock resolution, build wait, run, grace.
+
+        arq keeps a job's in-progress marker this long (+10 s): a job whose worker died
+        is picked up again by another worker once it lapses. No job or build container
+        lives longer: housekeeping removes what is older (plus a margin).
+        """
+        return (
+            self.resolve_timeout_s
+            + max(self.build_wait_timeout_s, self.build_timeout_s)
+            + self.max_timeout_s
+            + self.stuck_grace_s
+        )
 
     def python_version(self, runtime: str) -> str:
         """``python3.11`` -> ``3.11`` (the version locks are resolved for)."""

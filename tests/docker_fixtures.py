@@ -129,7 +129,7 @@ def docker_settings(docker_prefix: str) -> Settings:
     return Settings(
         docker_url=DOCKER_URL,
         runtime_images={"python3.11": BASE_IMAGE},
-        uv_cache_volume=f"{docker_prefix}-uv-cache",
+        store_volume=f"{docker_prefix}-store",
         ca_bundle_path=CA_BUNDLE if CA_BUNDLE.exists() else None,
         build_timeout_s=300,
     )

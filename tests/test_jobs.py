@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 import time
+from pathlib import Path
 
 import aiodocker
 import asyncpg
@@ -11,6 +13,7 @@ import pytest
 from arq.connections import ArqRedis
 from arq.jobs import Job
 
+from shared.build_recipe import ENVS_DIR
 from shared.client import Client
 from shared.constants import image_tag
 from shared.errors import InvalidJob, InvalidRequirement, QueueFull
@@ -118,6 +121,27 @@ async def test_image_removed_behind_the_cache_is_rebuilt(run_one: Submit, builds
         await docker.images.delete(image_tag(first.image_key), force=True)
     finally:
         await docker.close()
+    second = await run_one(USES_SIX, SIX)
+    assert second.status is Status.SUCCEEDED, second.error
+    assert second.stdout == b"six 1.16.0\n"
+    assert second.details is not None
+    assert second.details.get("stale_image_rebuilt") is True
+    assert await builds() == 2
+
+
+async def test_environment_removed_behind_the_cache_is_rebuilt(
+    run_one: Submit, builds: Builds, job_settings: Settings
+) -> None:
+    """An image whose environment left the store is rebuilt, and the job succeeds."""
+    first = await run_one(USES_SIX, SIX)
+    assert first.image_key is not None
+    docker = aiodocker.Docker(url="unix:///var/run/docker.sock")
+    try:
+        store = await docker.volumes.get(job_settings.store_volume)
+        mountpoint = (await store.show())["Mountpoint"]
+    finally:
+        await docker.close()
+    shutil.rmtree(Path(mountpoint) / ENVS_DIR / first.image_key)
     second = await run_one(USES_SIX, SIX)
     assert second.status is Status.SUCCEEDED, second.error
     assert second.stdout == b"six 1.16.0\n"

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from shared import constants
+from shared.build_recipe import ENVS_DIR
 from shared.engine import LABEL_PARENT_KEY, BuiltImage, Engine, ImageInfo
 from shared.hashing import image_key
 from shared.models import Status
@@ -60,6 +64,8 @@ async def test_near_build_equals_a_build_from_scratch(engine: Engine, docker_pre
     parent = await build(engine, f"{docker_prefix}-np", "requests==2.32.3\nsix==1.16.0\n")
     parent_info = await engine.image_info(parent.image_id)
     assert parent_info is not None
+    parent_env = Path(await engine.store_path()) / ENVS_DIR / f"{docker_prefix}-np"
+    parent_files = snapshot(parent_env)
     # requests' own dependencies are not in the lock (a pinned set is its own lock):
     # they must stay; six is not in the lock: it must go; idna moves to another version.
     lock = "idna==3.8\nrequests==2.32.3\ntabulate==0.9.0\n"
@@ -84,6 +90,21 @@ async def test_near_build_equals_a_build_from_scratch(engine: Engine, docker_pre
     assert leftovers == []  # its dist-info, module and the shared __pycache__'s .pyc
     assert "idna==3.8" in got["dists"]
     assert "idna==3.8" not in (await environment(engine, parent, docker_prefix))["dists"]
+    # The near build started from hard links to the parent's files: it replaced files
+    # (idna, six removed), never wrote into them.
+    assert snapshot(parent_env) == parent_files
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, str]]:
+    """Every file under ``root``: its mode and content digest (links: their target)."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            files[str(path.relative_to(root))] = (0, os.readlink(path))
+        elif path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            files[str(path.relative_to(root))] = (path.stat().st_mode, digest)
+    return files
 
 
 async def test_near_build_with_a_vanished_parent_builds_from_scratch(

@@ -20,7 +20,7 @@ from arq import Worker, func
 from arq.connections import ArqRedis
 from arq.typing import WorkerCoroutine
 
-from scheduler.eviction import eviction_loop
+from scheduler.eviction import CONTAINER_SWEEP_MARGIN_S, eviction_loop
 from shared.blobstore import DirectoryBlobStore
 from shared.cache import Cache
 from shared.client import JOB_FUNCTION
@@ -33,9 +33,6 @@ from shared.settings import Settings
 from worker.jobs import Deps, EngineLink, announce_finished, execute
 
 log = structlog.get_logger(__name__)
-
-# A berth container older than the longest job (plus this) is a dead worker's leftover.
-CONTAINER_SWEEP_MARGIN_S = 300.0
 
 
 class WorkerContext(TypedDict, total=False):
@@ -98,7 +95,7 @@ async def on_startup(arq_ctx: dict[str, Any]) -> None:
             pool,
             ctx["redis"],
             settings,
-            container_max_age_s=job_timeout_s(settings) + CONTAINER_SWEEP_MARGIN_S,
+            container_max_age_s=settings.job_timeout_s() + CONTAINER_SWEEP_MARGIN_S,
             metrics=metrics,
         )
     )
@@ -125,20 +122,6 @@ async def on_shutdown(arq_ctx: dict[str, Any]) -> None:
     log.info("worker.stopped")
 
 
-def job_timeout_s(settings: Settings) -> float:
-    """The longest a job may hold a worker: lock resolution, build wait, run, grace.
-
-    arq keeps a job's in-progress marker this long (+10 s): a job whose worker died
-    is picked up again by another worker once it lapses.
-    """
-    return (
-        settings.resolve_timeout_s
-        + max(settings.build_wait_timeout_s, settings.build_timeout_s)
-        + settings.max_timeout_s
-        + settings.stuck_grace_s
-    )
-
-
 def build_worker(settings: Settings, *, burst: bool = False, **overrides: Any) -> Worker:
     """An arq Worker for berth jobs; tests pass burst=True, poll_delay=0."""
     options: dict[str, Any] = {
@@ -156,7 +139,7 @@ def build_worker(settings: Settings, *, burst: bool = False, **overrides: Any) -
         "ctx": {"settings": settings},
         "max_jobs": settings.worker_concurrency,
         "poll_delay": settings.poll_delay_s,
-        "job_timeout": job_timeout_s(settings),
+        "job_timeout": settings.job_timeout_s(),
         "keep_result": settings.result_ttl_s,
         "max_tries": settings.job_max_tries,
         "allow_abort_jobs": True,
