@@ -43,8 +43,9 @@ class Settings(BaseSettings):
     extra_index_urls: list[str] = Field(default_factory=list)
     ca_bundle_path: Path | None = None
     allow_index_options: bool = False
-    # Install packages that ship only source (their build code runs in the build
-    # container). Off: wheels only. Resolution on the worker host never builds.
+    # Install packages that ship only source (their build code runs as root in the
+    # build container, beside the read-write store). Off: wheels only. Resolution on
+    # the worker host never builds.
     allow_source_builds: bool = False
     build_network: str = "bridge"
     build_timeout_s: float = Field(default=900.0, gt=0)
