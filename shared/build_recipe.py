@@ -81,6 +81,7 @@ _FINISH: Final = f"""\
 bytes=$(du -sb "$stage" | cut -f1)
 if [ -e "$envs/$key" ]; then mv "$envs/$key" "$envs/.old-${{stage##*.build-}}"; fi
 mv -T "$stage" "$envs/$key"
+touch "$envs/$key"  # its ctime is when it was published (prune's grace counts from it)
 trap - EXIT
 rm -f {VENV}
 mkdir {VENV}

@@ -598,10 +598,8 @@ class Engine:
     ) -> str | None:
         """Run the build script and commit; None when the tools volume had no uv.
 
-        The commit holds no package: the environment went to the store.
-
-        The container is removed in the background: deleting hundreds of MB of its
-        layer takes a good part of a second that nobody has to wait for.
+        The commit holds no package: the environment went to the store. The container
+        is removed in the background: nobody has to wait for that.
         """
         settings = self.settings
         config: JsonObject = {
