@@ -233,7 +233,7 @@ async def builds(bench: Bench, repeats: int, *, empty_cache: bool) -> dict[str, 
     check: JobTiming | None = None
 
     async def cold_on_empty_cache(i: int) -> None:
-        """A first job on a worker whose uv cache volume is new (and empty)."""
+        """A first job on a worker with a new, empty store volume (no uv cache)."""
         volume = f"berth-bench-{env.run_id}-uvcold-{i}"
         queue = f"berth:bench-queue:{env.run_id}:cold{i}"  # the main worker must not take it
         cold_worker = env.worker(f"cold{i}", store_volume=volume, queue_name=queue)

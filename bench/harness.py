@@ -3,7 +3,7 @@
 Other sessions may run tests on the same machine, so a run uses only what it made:
 a fresh Postgres database ``berth_bench_<id>`` (migrated, dropped after), a Redis
 database index claimed the way the test suite claims one (flushed after), its own
-queue, uv cache volumes named ``berth-bench-<id>-…``, and the label
+queue, store volumes named ``berth-bench-<id>-…``, and the label
 ``berth.bench_run=<id>`` on every container and image (removed after).
 
 Workers are real ``berth worker`` processes started from the code tree being
