@@ -129,7 +129,8 @@ python3 -I -c '{_DROP_ORPHAN_PYC}' {VENV}/
 
 # Removes environments from the store: argv is the envs directory, the ages (s)
 # after which an unknown environment / a staging or moved-aside one may go, then
-# the keys to keep. Prints what it removed, one name per line.
+# the keys to keep. Prints what it removed, one name per line (what it could not
+# remove is tried again by the next sweep).
 PRUNE_SCRIPT: Final = """\
 import os, shutil, sys, time
 root, grace, stale, keep = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), set(sys.argv[4:])
@@ -146,7 +147,8 @@ for name in names:
     if age < (stale if name.startswith(".") else grace):
         continue
     shutil.rmtree(path, ignore_errors=True)
-    print(name, flush=True)
+    if not os.path.lexists(path):
+        print(name, flush=True)
 """
 
 # Moves a freshly copied uv into place in one rename: a reader never sees half a binary.
