@@ -3,7 +3,7 @@
 Import them into conftest (``from tests.docker_fixtures import *`` or
 ``pytest_plugins = ["tests.docker_fixtures"]``). Everything a test makes is
 named or labelled with ``docker_prefix`` (random per run): job ids, image keys,
-the uv cache volume. After each test no container of the run may remain; at
+the store volume. After each test no container of the run may remain; at
 the end of the session the run's containers, images and volumes are removed.
 The tools volume (``berth-tools-<uv version>``) stays, like the base image: other
 sessions on the same engine may be using it.
@@ -16,25 +16,30 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
 from shared import constants
-from shared.engine import BuiltImage, Engine, Sandbox, SandboxLimits
+from shared.build_recipe import ENVS_DIR
+from shared.engine import BuiltImage, Engine, ImageInfo, RunResult, Sandbox, SandboxLimits
 from shared.settings import Settings
 
 __all__ = [
     "BASE_IMAGE",
     "belongs_to_run",
+    "build_lock",
     "docker_cleanup",
     "docker_prefix",
     "docker_settings",
     "engine",
+    "env_dir",
     "new_job_id",
     "open_sandbox",
     "remove_images",
+    "run_script",
     "six_image",
 ]
 
@@ -65,7 +70,7 @@ def open_sandbox(
     *,
     limits: SandboxLimits = SANDBOX_LIMITS,
     env: Mapping[str, str] | None = None,
-) -> Sandbox:
+) -> AbstractAsyncContextManager[Sandbox]:
     """``async with open_sandbox(...) as box``: a sandbox on a test image of this run."""
     return engine.sandbox(
         image=image.tag,
@@ -74,6 +79,37 @@ def open_sandbox(
         limits=limits,
         env=env or {},
     )
+
+
+async def run_script(
+    engine: Engine,
+    image: BuiltImage,
+    prefix: str,
+    script: str,
+    *,
+    args: Sequence[str] = (),
+    stdin: bytes | None = None,
+    limits: SandboxLimits = SANDBOX_LIMITS,
+    env: Mapping[str, str] | None = None,
+) -> RunResult:
+    """Run ``script`` as main.py in a sandbox on a test image of this run."""
+    async with open_sandbox(engine, image, prefix, limits=limits, env=env) as box:
+        await box.put_files({"main.py": script.encode()})
+        return await box.run(["python3", "main.py", *args], stdin=stdin)
+
+
+async def build_lock(
+    engine: Engine, key: str, lock: str, parent: ImageInfo | None = None
+) -> BuiltImage:
+    """Build ``lock`` on the base image as image key ``key`` (a near build with ``parent``)."""
+    return await engine.build_image(
+        image_key=key, base_image=BASE_IMAGE, lock_text=lock, labels={}, parent=parent
+    )
+
+
+async def env_dir(engine: Engine, key: str) -> Path:
+    """An image's environment directory on this host (the tests run beside the engine)."""
+    return Path(await engine.store_path()) / ENVS_DIR / key
 
 
 T = TypeVar("T")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import io
 import json
@@ -10,15 +11,16 @@ import shutil
 import statistics
 import tarfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
 
 from shared import constants
-from shared.engine import BuiltImage, Engine, RunResult, SandboxLimits
+from shared.engine import BuiltImage, Engine
 from shared.errors import BuildFailed, EngineError, ServiceUnavailable
 from shared.settings import Settings
+from tests import docker_fixtures
 from tests.docker_fixtures import (
     BASE_IMAGE,
     SANDBOX_LIMITS,
@@ -34,20 +36,8 @@ pytestmark = pytest.mark.docker
 LIMITS = replace(SANDBOX_LIMITS, timeout_s=30)
 
 
-async def run_script(
-    engine: Engine,
-    image: BuiltImage,
-    prefix: str,
-    script: str,
-    *,
-    args: Sequence[str] = (),
-    stdin: bytes | None = None,
-    limits: SandboxLimits = LIMITS,
-    env: Mapping[str, str] | None = None,
-) -> RunResult:
-    async with open_sandbox(engine, image, prefix, limits=limits, env=env) as box:
-        await box.put_files({"main.py": script.encode()})
-        return await box.run(["python3", "main.py", *args], stdin=stdin)
+# Scripts run with this module's limits unless a test gives its own.
+run_script = functools.partial(docker_fixtures.run_script, limits=LIMITS)
 
 
 async def our_containers(engine: Engine, prefix: str) -> list[str]:

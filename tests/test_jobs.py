@@ -112,36 +112,23 @@ async def test_flushed_hot_cache_mid_run_falls_back_to_postgres(
     assert second.details["image_source"] == "postgres"
 
 
-async def test_image_removed_behind_the_cache_is_rebuilt(run_one: Submit, builds: Builds) -> None:
-    """An image deleted from the engine while cached is rebuilt, and the job succeeds."""
-    first = await run_one(USES_SIX, SIX)
-    assert first.image_key is not None
-    docker = aiodocker.Docker(url="unix:///var/run/docker.sock")
-    try:
-        await docker.images.delete(image_tag(first.image_key), force=True)
-    finally:
-        await docker.close()
-    second = await run_one(USES_SIX, SIX)
-    assert second.status is Status.SUCCEEDED, second.error
-    assert second.stdout == b"six 1.16.0\n"
-    assert second.details is not None
-    assert second.details.get("stale_image_rebuilt") is True
-    assert await builds() == 2
-
-
-async def test_environment_removed_behind_the_cache_is_rebuilt(
-    run_one: Submit, builds: Builds, job_settings: Settings
+@pytest.mark.parametrize("lost", ["image", "environment"])
+async def test_image_or_environment_removed_behind_the_cache_is_rebuilt(
+    run_one: Submit, builds: Builds, job_settings: Settings, lost: str
 ) -> None:
-    """An image whose environment left the store is rebuilt, and the job succeeds."""
+    """An image deleted from the engine, or its environment from the store, while cached
+    is rebuilt, and the job succeeds."""
     first = await run_one(USES_SIX, SIX)
     assert first.image_key is not None
     docker = aiodocker.Docker(url="unix:///var/run/docker.sock")
     try:
-        store = await docker.volumes.get(job_settings.store_volume)
-        mountpoint = (await store.show())["Mountpoint"]
+        if lost == "image":
+            await docker.images.delete(image_tag(first.image_key), force=True)
+        else:
+            store = await (await docker.volumes.get(job_settings.store_volume)).show()
+            shutil.rmtree(Path(store["Mountpoint"]) / ENVS_DIR / first.image_key)
     finally:
         await docker.close()
-    shutil.rmtree(Path(mountpoint) / ENVS_DIR / first.image_key)
     second = await run_one(USES_SIX, SIX)
     assert second.status is Status.SUCCEEDED, second.error
     assert second.stdout == b"six 1.16.0\n"

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from shared import constants
-from shared.build_recipe import ENVS_DIR
 from shared.engine import LABEL_PARENT_KEY, BuiltImage, Engine, ImageInfo
 from shared.hashing import image_key
 from shared.models import Status
 from shared.settings import Settings
-from tests.docker_fixtures import BASE_IMAGE, SANDBOX_LIMITS, MiB, open_sandbox
+from tests.docker_fixtures import BASE_IMAGE, SANDBOX_LIMITS, MiB, build_lock, env_dir, run_script
 from tests.jobs_fixtures import Submit
 from worker import near
 
@@ -42,18 +41,10 @@ print(json.dumps({
 
 
 async def environment(engine: Engine, image: BuiltImage, prefix: str) -> dict[str, list[str]]:
-    async with open_sandbox(engine, image, prefix, limits=LIMITS) as box:
-        await box.put_files({"main.py": ENVIRONMENT_SCRIPT.encode()})
-        result = await box.run(["python3", "main.py"])
+    result = await run_script(engine, image, prefix, ENVIRONMENT_SCRIPT, limits=LIMITS)
     assert result.exit_code == 0, result.stderr
     facts: dict[str, list[str]] = json.loads(result.stdout)
     return facts
-
-
-async def build(engine: Engine, key: str, lock: str, parent: ImageInfo | None = None) -> BuiltImage:
-    return await engine.build_image(
-        image_key=key, base_image=BASE_IMAGE, lock_text=lock, labels={}, parent=parent
-    )
 
 
 # ------------------------------------------------------------------- the engine
@@ -61,16 +52,16 @@ async def build(engine: Engine, key: str, lock: str, parent: ImageInfo | None = 
 
 async def test_near_build_equals_a_build_from_scratch(engine: Engine, docker_prefix: str) -> None:
     """Synced onto a parent, a lock gives the from-scratch venv: added, changed, removed alike."""
-    parent = await build(engine, f"{docker_prefix}-np", "requests==2.32.3\nsix==1.16.0\n")
+    parent = await build_lock(engine, f"{docker_prefix}-np", "requests==2.32.3\nsix==1.16.0\n")
     parent_info = await engine.image_info(parent.image_id)
     assert parent_info is not None
-    parent_env = Path(await engine.store_path()) / ENVS_DIR / f"{docker_prefix}-np"
+    parent_env = await env_dir(engine, f"{docker_prefix}-np")
     parent_files = snapshot(parent_env)
     # requests' own dependencies are not in the lock (a pinned set is its own lock):
     # they must stay; six is not in the lock: it must go; idna moves to another version.
     lock = "idna==3.8\nrequests==2.32.3\ntabulate==0.9.0\n"
-    layered = await build(engine, f"{docker_prefix}-nc", lock, parent_info)
-    scratch = await build(engine, f"{docker_prefix}-ns", lock)
+    layered = await build_lock(engine, f"{docker_prefix}-nc", lock, parent_info)
+    scratch = await build_lock(engine, f"{docker_prefix}-ns", lock)
 
     assert (layered.parent_key, scratch.parent_key) == (f"{docker_prefix}-np", None)
     layered_info = await engine.image_info(layered.image_id)
@@ -118,7 +109,7 @@ async def test_near_build_with_a_vanished_parent_builds_from_scratch(
         labels={constants.LABEL_IMAGE_KEY: f"{docker_prefix}-gone"},
         created=datetime.now(UTC),
     )
-    built = await build(engine, f"{docker_prefix}-orphan", "six==1.16.0\n", gone)
+    built = await build_lock(engine, f"{docker_prefix}-orphan", "six==1.16.0\n", gone)
     assert built.parent_key is None
     facts = await environment(engine, built, docker_prefix)
     assert facts["dists"] == ["six==1.16.0"]

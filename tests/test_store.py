@@ -14,29 +14,23 @@ import pytest
 
 from scheduler.eviction import prune_environments
 from shared import constants
-from shared.build_recipe import COMPILE_SKIP, ENVS_DIR
+from shared.build_recipe import COMPILE_SKIP
 from shared.engine import BuiltImage, Engine
 from shared.errors import ImageMissing
 from shared.sandbox import ROLE_JOB
 from shared.settings import Settings
-from tests.docker_fixtures import BASE_IMAGE, open_sandbox
+from tests.docker_fixtures import BASE_IMAGE, build_lock, env_dir, open_sandbox, run_script
 
 pytestmark = pytest.mark.docker
 
 
-async def env_dir(engine: Engine, key: str) -> Path:
-    """The environment's directory on this host (the tests run beside the engine)."""
-    return Path(await engine.store_path()) / ENVS_DIR / key
-
-
 async def build(engine: Engine, key: str, lock: str = "six==1.16.0\n") -> BuiltImage:
-    return await engine.build_image(image_key=key, base_image=BASE_IMAGE, lock_text=lock, labels={})
+    return await build_lock(engine, key, lock)
 
 
 async def run(engine: Engine, image: BuiltImage, prefix: str, script: str) -> str:
-    async with open_sandbox(engine, image, prefix) as box:
-        await box.put_files({"main.py": script.encode()})
-        result = await box.run(["python3", "main.py"])
+    """The script's stdout; it must succeed."""
+    result = await run_script(engine, image, prefix, script)
     assert result.exit_code == 0, result.stderr
     return result.stdout.decode()
 
